@@ -1,0 +1,231 @@
+"""The daemon's configuration: one dataclass tree with defaults, loaded from TOML.
+
+`cripy config` prints `render_default()`; the daemon reads it back with `load()`. Every
+field carries a comment (its `doc` metadata) that ends up in the printed TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cripy.errors import InvalidArgumentError
+
+
+class ConfigError(InvalidArgumentError):
+    """A configuration file names an unknown key or gives a value of the wrong type."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass
+class RegistryHostConfig:
+    """Settings for one registry host, keyed by its name as in image references."""
+
+    mirrors: list[str] = _doc(
+        "Endpoints tried in order before the registry itself, e.g. \"mirror.local:5000\" "
+        "or \"http://10.0.0.1:5000\".",
+        default_factory=list,
+    )
+    insecure: bool = _doc(
+        "Talk plain HTTP to this registry (and to mirrors given without a scheme).",
+        default=False,
+    )
+
+
+@dataclass
+class ImageConfig:
+    pull_concurrency: int = _doc("Layers of one image downloaded at the same time.", default=3)
+    registry_timeout: float = _doc(
+        "Seconds to wait for a registry to connect or send the next bytes.", default=30.0
+    )
+    max_layer_bytes: int = _doc(
+        "Largest uncompressed size a single layer may unpack to (bytes); bounds "
+        "decompression bombs.",
+        default=32 * 1024**3,
+    )
+
+
+@dataclass
+class RuntimeConfig:
+    runtime_path: str = _doc("The OCI runtime binary (name looked up in PATH, or a path).",
+                             default="runc")
+    conmon_path: str = _doc("The container monitor binary.", default="conmon")
+
+
+@dataclass
+class NetworkConfig:
+    cni_config_dir: str = _doc("Where CNI network configurations (.conflist/.conf) are read.",
+                               default="/etc/cni/net.d")
+    cni_plugin_dirs: list[str] = _doc(
+        "Directories searched for CNI plugin binaries.",
+        default_factory=lambda: ["/usr/lib/cni", "/opt/cni/bin"],
+    )
+
+
+@dataclass
+class Config:
+    root: str = _doc("Persistent state: images, layers, container records.",
+                     default="/var/lib/cripy")
+    runroot: str = _doc("Volatile state: sockets, pinned namespaces, exit files.",
+                        default="/run/cripy")
+    listen: str = _doc("The CRI gRPC endpoint (unix socket, mode 0660).",
+                       default="unix:///run/cripy/cripy.sock")
+    log_level: str = _doc("One of debug, info, warning, error.", default="info")
+    image: ImageConfig = field(default_factory=ImageConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    registries: dict[str, RegistryHostConfig] = _doc(
+        "Per-registry settings, one table per host: [registries.\"HOST[:PORT]\"].",
+        default_factory=dict,
+    )
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(endpoint_to_path(self.listen))
+
+    def is_insecure(self, host: str) -> bool:
+        entry = self.registries.get(host)
+        return entry is not None and entry.insecure
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def endpoint_to_path(endpoint: str) -> str:
+    """`unix:///run/x.sock` or a bare path -> the socket path."""
+    if endpoint.startswith("unix://"):
+        return endpoint[len("unix://"):]
+    if "://" in endpoint:
+        raise ConfigError(f"listen: only unix:// endpoints are supported, got {endpoint!r}")
+    return endpoint
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def load(path: str | Path | None) -> Config:
+    """Defaults, overlaid with the TOML file at `path` when given."""
+    if path is None:
+        return validate(Config())
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    return validate(_build(Config, data, ""))
+
+
+def validate(config: Config) -> Config:
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, "
+                          f"got {config.log_level!r}")
+    if config.image.pull_concurrency < 1:
+        raise ConfigError("image.pull_concurrency: must be at least 1")
+    if config.image.registry_timeout <= 0:
+        raise ConfigError("image.registry_timeout: must be positive")
+    endpoint_to_path(config.listen)
+    return config
+
+
+def _build(cls: type[Any], data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key}")
+        values[key] = _convert(hints[key], value, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")  # type: ignore[arg-type]
+    if origin is dict:
+        _, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table")
+        return {k: _convert(value_type, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list")
+        return [_convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(hint, types.UnionType):
+        raise AssertionError(f"union types are not supported in config ({key})")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (bool, int, float, str) and (type(value) is not hint):
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {_type_name(type(value))}")
+    return value
+
+
+def _type_name(t: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(t, getattr(t, "__name__", str(t)))
+
+
+# --- printing ------------------------------------------------------------------------
+
+
+def render_default() -> str:
+    """The complete default configuration as commented TOML."""
+    return render(Config())
+
+
+def render(config: Config) -> str:
+    """`config` as commented TOML that `load()` reads back to the same values."""
+    lines = ["# cripy configuration.", ""]
+    _render_table(config, [], lines)
+    lines += [
+        "# Per-registry settings, one table per host (as written in image references):",
+        "# [registries.\"docker.io\"]",
+        "# mirrors = [\"mirror.example:5000\"]",
+        "# insecure = false",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _render_table(obj: Any, path: list[str], lines: list[str]) -> None:
+    tables = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            tables.append((f.name, value))
+            continue
+        if isinstance(value, dict):
+            for name, entry in value.items():
+                tables.append((f'{f.name}."{name}"', entry))
+            continue
+        if f.metadata.get("doc"):
+            lines.append(f"# {f.metadata['doc']}")
+        lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    for name, value in tables:
+        lines.append(f"[{'.'.join([*path, name])}]")
+        _render_table(value, [*path, name], lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r}")
