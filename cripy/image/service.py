@@ -1,0 +1,283 @@
+"""Images as the runtime sees them: pull, look up, list, remove, measure.
+
+This owns the pull pipeline (registry -> verified blobs -> unpacked layers -> image
+record) on top of `ImageStore`, `RegistryClient` and `apply_layer`. The gRPC layer only
+translates requests into these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cripy.config import Config
+from cripy.errors import IntegrityError, InvalidArgumentError
+from cripy.fsutil import remove_tree
+from cripy.image.layer import apply_layer
+from cripy.image.manifest import Descriptor
+from cripy.image.reference import Reference, parse_reference
+from cripy.image.registry import Credentials, RegistryClient, Resolved
+from cripy.image.store import ImageRecord, ImageStore, LayerRecord, digest_hex
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_HEX_PREFIX = re.compile(r"^[0-9a-f]{6,64}$")
+
+
+@dataclass(frozen=True)
+class ImageUser:
+    """Who the image's config says its processes run as."""
+
+    uid: int | None
+    username: str
+
+
+class ImageManager:
+    def __init__(self, config: Config, store: ImageStore, client: RegistryClient) -> None:
+        self.config = config
+        self.store = store
+        self.client = client
+        self._layer_locks: dict[str, asyncio.Lock] = {}
+        self._gc_lock = asyncio.Lock()
+        # Layers that pulls in progress need: garbage collection must leave them.
+        self._in_flight: Counter[str] = Counter()
+        self._download_slots = asyncio.Semaphore(config.image.pull_concurrency)
+        self.on_progress: Callable[[str, int], None] | None = None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.load)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # --- pull ---------------------------------------------------------------------------
+
+    async def pull(self, reference: str, creds: Credentials | None = None) -> ImageRecord:
+        ref = parse_reference(reference)
+        started = time.monotonic()
+        resolved = await self.client.resolve(ref, creds)
+        config_bytes = await self._fetch_small_blob(resolved, resolved.manifest.config)
+        diff_ids = _diff_ids(config_bytes, len(resolved.manifest.layers), ref)
+
+        self._in_flight.update(diff_ids)
+        try:
+            record = await self._store_image(ref, resolved, config_bytes, diff_ids)
+        except BaseException:
+            # Layers this pull committed but no image uses would linger until the next
+            # start; drop them now (layers other pulls are fetching stay pinned).
+            await self._collect_garbage(pinned=Counter(diff_ids))
+            raise
+        finally:
+            self._in_flight.subtract(diff_ids)
+            self._in_flight += Counter()  # drop zero counts
+        log.info("pulled %s as %s in %.2fs", ref, record.id, time.monotonic() - started)
+        return record
+
+    async def _store_image(
+        self, ref: Reference, resolved: Resolved, config_bytes: bytes, diff_ids: list[str]
+    ) -> ImageRecord:
+        # A TaskGroup cancels the other layers when one fails and waits for them, so
+        # nothing is still being committed when the caller cleans up.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._ensure_layer(resolved, desc, diff_id))
+                    for desc, diff_id in zip(resolved.manifest.layers, diff_ids, strict=True)
+                ]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # the first failure is the one to report
+        sizes = [t.result() for t in tasks]
+        record = ImageRecord(
+            id=resolved.manifest.config.digest,
+            manifest_digest=resolved.manifest_digest,
+            layers=diff_ids,
+            size=sum(sizes),
+            repo_tags=[f"{ref.name}:{ref.tag}"] if ref.tag else [],
+            repo_digests=[f"{ref.name}@{resolved.repo_digest}"],
+        )
+
+        def commit() -> ImageRecord:
+            self.store.write_blob(record.id, config_bytes)
+            self.store.write_blob(resolved.manifest_digest, resolved.manifest_bytes)
+            if resolved.index_bytes is not None:
+                self.store.write_blob(resolved.repo_digest, resolved.index_bytes)
+            return self.store.put_image(record)
+
+        async with self._gc_lock:
+            return await asyncio.to_thread(commit)
+
+    async def _collect_garbage(self, pinned: Counter[str] | None = None) -> None:
+        """Drop layers and blobs no image uses, except those pulls are working on."""
+        keep = self._in_flight - (pinned or Counter())
+        async with self._gc_lock:
+            await asyncio.to_thread(self.store.collect_garbage, frozenset(keep))
+
+    async def _fetch_small_blob(self, resolved: Resolved, desc: Descriptor) -> bytes:
+        stage = await asyncio.to_thread(self.store.staging_dir)
+        try:
+            await self.client.fetch_blob(resolved, desc, stage / "blob")
+            return await asyncio.to_thread((stage / "blob").read_bytes)
+        finally:
+            await asyncio.to_thread(remove_tree, stage)
+
+    async def _ensure_layer(self, resolved: Resolved, desc: Descriptor, diff_id: str) -> int:
+        """Download and unpack one layer unless it is already stored; its unpacked size."""
+        lock = self._layer_locks.setdefault(diff_id, asyncio.Lock())
+        async with lock, self._download_slots:
+            if not self.store.has_layer(diff_id):
+                await self._unpack_layer(resolved, desc, diff_id)
+        return self.store.layer_record(diff_id).size
+
+    async def _unpack_layer(self, resolved: Resolved, desc: Descriptor, diff_id: str) -> None:
+        stage = await asyncio.to_thread(self.store.staging_dir)
+        try:
+            blob = stage / "blob"
+            await self.client.fetch_blob(resolved, desc, blob, self._progress(str(resolved)))
+            (stage / "diff").mkdir()
+            result = await in_thread_to_completion(
+                apply_layer,
+                blob,
+                desc.media_type,
+                stage / "diff",
+                max_bytes=self.config.image.max_layer_bytes,
+            )
+            if result.diff_id != diff_id:
+                raise IntegrityError(
+                    f"layer {desc.digest} unpacks to {result.diff_id}, "
+                    f"but the image config says {diff_id}"
+                )
+            await asyncio.to_thread(blob.unlink)
+            record = LayerRecord(
+                diff_id=diff_id,
+                blob_digest=desc.digest,
+                media_type=desc.media_type,
+                size=result.size,
+                inodes=result.inodes,
+            )
+            await in_thread_to_completion(self.store.commit_layer, stage, record)
+        finally:
+            await in_thread_to_completion(_remove_if_present, stage)
+
+    def _progress(self, name: str) -> Callable[[int], None] | None:
+        callback = self.on_progress
+        if callback is None:
+            return None
+        return lambda n: callback(name, n)
+
+    # --- queries ------------------------------------------------------------------------
+
+    def lookup(self, text: str) -> ImageRecord | None:
+        """Find an image by ID, unique ID prefix, tag or repo digest."""
+        if not text:
+            raise InvalidArgumentError("image reference is empty")
+        if text.startswith("sha256:"):
+            try:
+                return self.store.get(f"sha256:{digest_hex(text)}")
+            except ValueError as exc:
+                raise InvalidArgumentError(f"invalid image ID {text!r}") from exc
+        if len(text) == 64 and _HEX_PREFIX.match(text):
+            return self.store.get(f"sha256:{text}")
+        try:
+            ref: Reference | None = parse_reference(text)
+        except InvalidArgumentError:
+            ref = None
+        if ref is not None:
+            found = (
+                self.store.find_by_repo_digest(f"{ref.name}@{ref.digest}")
+                if ref.digest
+                else self.store.find_by_tag(f"{ref.name}:{ref.tag}")
+            )
+            if found is not None:
+                return found
+        if _HEX_PREFIX.match(text):
+            matches = self.store.find_by_id_prefix(text)
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise InvalidArgumentError(f"image ID prefix {text!r} is ambiguous")
+        if ref is None:
+            parse_reference(text)  # raises the reference's own error
+        return None
+
+    def list(self, filter_ref: str = "") -> list[ImageRecord]:
+        if filter_ref:
+            found = self.lookup(filter_ref)
+            return [found] if found else []
+        return sorted(self.store.list_images(), key=lambda r: r.id)
+
+    def image_config(self, record: ImageRecord) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.store.read_blob(record.id))
+        return data
+
+    def image_user(self, record: ImageRecord) -> ImageUser:
+        return user_from_config(self.image_config(record))
+
+    async def remove(self, text: str) -> None:
+        """Remove an image; removing one that is not there succeeds, as the CRI asks."""
+        record = self.lookup(text)
+        if record is None:
+            return
+        await asyncio.to_thread(self.store.delete_image, record.id)
+        await self._collect_garbage()
+        log.info("removed image %s", record.id)
+
+    async def usage(self) -> tuple[int, int]:
+        return await asyncio.to_thread(self.store.usage)
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.store.base
+
+
+def user_from_config(config: dict[str, Any]) -> ImageUser:
+    """The config's User ("uid", "uid:gid", "name" or "name:group") as uid or username."""
+    user = str((config.get("config") or {}).get("User") or "")
+    name = user.split(":", 1)[0]
+    if name.isdigit():
+        return ImageUser(uid=int(name), username="")
+    return ImageUser(uid=None, username=name)
+
+
+def _diff_ids(config_bytes: bytes, layer_count: int, ref: Reference) -> list[str]:
+    try:
+        config = json.loads(config_bytes)
+        diff_ids = config["rootfs"]["diff_ids"]
+        if not isinstance(diff_ids, list):
+            raise TypeError("diff_ids is not a list")
+        for d in diff_ids:
+            digest_hex(d)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"image config of {ref} is malformed: {exc}") from exc
+    if len(diff_ids) != layer_count:
+        raise IntegrityError(
+            f"image {ref} has {layer_count} layers but its config lists {len(diff_ids)}"
+        )
+    return [str(d) for d in diff_ids]
+
+
+async def in_thread_to_completion(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking `func` in a thread; if cancelled, let it finish before re-raising.
+
+    A thread cannot be stopped, and cleanup that races a thread still writing would
+    leave half a layer behind.
+    """
+    work = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise
+
+
+def _remove_if_present(path: Path) -> None:
+    if path.exists():
+        remove_tree(path)
