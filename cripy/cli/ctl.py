@@ -1,0 +1,327 @@
+"""`cripy ctl`: a CRI client whose verbs and flags follow crictl where they overlap.
+
+It talks plain CRI v1, so it works against any runtime's endpoint, not only cripy's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from cripy.api import api_pb2 as pb
+from cripy.api import api_pb2_grpc
+
+DEFAULT_ENDPOINT = "unix:///run/cripy/cripy.sock"
+ENDPOINT_ENV = "CONTAINER_RUNTIME_ENDPOINT"
+IMAGE_ENDPOINT_ENV = "IMAGE_SERVICE_ENDPOINT"
+
+
+class CtlError(Exception):
+    """A failure to report as one line."""
+
+
+class Client:
+    """Stubs for both services, connected lazily with crictl's connect timeout."""
+
+    def __init__(self, endpoint: str, image_endpoint: str, timeout: float) -> None:
+        self.endpoint = _normalise(endpoint)
+        self.image_endpoint = _normalise(image_endpoint or endpoint)
+        self.timeout = timeout
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def _channel(self, target: str) -> grpc.Channel:
+        if target not in self._channels:
+            channel = grpc.insecure_channel(target, options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+            try:
+                grpc.channel_ready_future(channel).result(timeout=self.timeout)
+            except grpc.FutureTimeoutError:
+                raise CtlError(f"cannot connect to {target}: no CRI runtime answers "
+                               f"within {self.timeout:g}s") from None
+            self._channels[target] = channel
+        return self._channels[target]
+
+    @property
+    def runtime(self) -> api_pb2_grpc.RuntimeServiceStub:
+        return api_pb2_grpc.RuntimeServiceStub(self._channel(self.endpoint))
+
+    @property
+    def image(self) -> api_pb2_grpc.ImageServiceStub:
+        return api_pb2_grpc.ImageServiceStub(self._channel(self.image_endpoint))
+
+
+def _normalise(endpoint: str) -> str:
+    if endpoint.startswith("/"):
+        return f"unix://{endpoint}"
+    return endpoint
+
+
+# --- output helpers -------------------------------------------------------------------
+
+
+def to_json(message: Any) -> str:
+    return json.dumps(MessageToDict(message), indent=2)
+
+
+def human_size(size: int) -> str:
+    """Sizes as crictl prints them: decimal units, three significant digits."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.3g}{unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def print_table(rows: list[list[str]], out: TextIO = sys.stdout) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        out.write("   ".join(cells).rstrip() + "\n")
+
+
+def short_id(image_id: str) -> str:
+    return image_id.removeprefix("sha256:")[:13]
+
+
+def split_repo(tag: str) -> tuple[str, str]:
+    """`registry/repo:tag` -> (`registry/repo`, `tag`), minding ports in the host."""
+    name, sep, version = tag.rpartition(":")
+    if not sep or "/" in version:
+        return tag, "<none>"
+    return name, version
+
+
+# --- verbs ----------------------------------------------------------------------------
+
+
+def cmd_version(client: Client, args: argparse.Namespace) -> None:
+    resp = client.runtime.Version(pb.VersionRequest(version="v1"), timeout=args.timeout)
+    print(f"Version:  {resp.version}")
+    print(f"RuntimeName:  {resp.runtime_name}")
+    print(f"RuntimeVersion:  {resp.runtime_version}")
+    print(f"RuntimeApiVersion:  {resp.runtime_api_version}")
+
+
+def cmd_info(client: Client, args: argparse.Namespace) -> None:
+    resp = client.runtime.Status(pb.StatusRequest(verbose=True), timeout=args.timeout)
+    out: dict[str, Any] = {"status": MessageToDict(resp.status)}
+    for key, value in resp.info.items():
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    print(json.dumps(out, indent=2))
+
+
+def cmd_images(client: Client, args: argparse.Namespace) -> None:
+    request = pb.ListImagesRequest()
+    if args.image:
+        request.filter.image.image = args.image
+    images = client.image.ListImages(request, timeout=args.timeout).images
+    if args.output == "json":
+        print(to_json(pb.ListImagesResponse(images=images)))
+        return
+    if args.quiet:
+        for image in images:
+            print(image.id)
+        return
+    header = ["IMAGE", "TAG", *(["DIGEST"] if args.digests else []), "IMAGE ID", "SIZE"]
+    rows = [header]
+    for image in images:
+        digest = image.repo_digests[0].rpartition("@")[2] if image.repo_digests else "<none>"
+        image_id = image.id if args.no_trunc else short_id(image.id)
+        digest = digest if args.no_trunc else short_id(digest)
+        tags = [split_repo(t) for t in image.repo_tags] or [
+            (image.repo_digests[0].rpartition("@")[0] if image.repo_digests else "<none>",
+             "<none>")]
+        for repo, tag in tags:
+            rows.append([repo, tag, *([digest] if args.digests else []), image_id,
+                         human_size(image.size)])
+    print_table(rows)
+
+
+def cmd_pull(client: Client, args: argparse.Namespace) -> None:
+    auth = pb.AuthConfig()
+    if args.creds:
+        user, sep, password = args.creds.partition(":")
+        if not sep:
+            raise CtlError("--creds must be USERNAME[:PASSWORD] with a password")
+        auth.username, auth.password = user, password
+    if args.auth:
+        auth.auth = args.auth
+    request = pb.PullImageRequest(image=pb.ImageSpec(image=args.image), auth=auth)
+    with Progress(f"Pulling {args.image}", _store_bytes(client)):
+        resp = client.image.PullImage(request)
+    print(f"Image is up to date for {resp.image_ref}")
+
+
+def _store_bytes(client: Client) -> Callable[[], int | None]:
+    def read() -> int | None:
+        try:
+            info = client.image.ImageFsInfo(pb.ImageFsInfoRequest(), timeout=2)
+        except grpc.RpcError:
+            return None
+        return sum(int(fs.used_bytes.value) for fs in info.image_filesystems)
+
+    return read
+
+
+class Progress:
+    """A one-line live display on stderr while a blocking call runs.
+
+    It shows the elapsed time and how much the image store grew, which any CRI runtime
+    reports through ImageFsInfo. Without a terminal it prints a line every 10 seconds.
+    """
+
+    def __init__(self, label: str, read_bytes: Callable[[], int | None]) -> None:
+        self.label = label
+        self.read_bytes = read_bytes
+        self.tty = sys.stderr.isatty()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        baseline = self.read_bytes()
+        stored = ""
+        spinner = "|/-\\"
+        tick = 0
+        while not self._done.wait(0.25 if self.tty else 10):
+            tick += 1
+            if not self.tty or tick % 4 == 0:  # ImageFsInfo once a second at most
+                now = self.read_bytes()
+                if now is not None and baseline is not None:
+                    stored = f", {human_size(max(0, now - baseline))} stored"
+            elapsed = f"{time.monotonic() - start:.0f}s{stored}"
+            if self.tty:
+                sys.stderr.write(f"\r\033[K{self.label} {spinner[tick % 4]} {elapsed}")
+            else:
+                sys.stderr.write(f"{self.label}: {elapsed}\n")
+            sys.stderr.flush()
+
+
+def cmd_inspecti(client: Client, args: argparse.Namespace) -> None:
+    results = []
+    for name in args.images:
+        resp = client.image.ImageStatus(
+            pb.ImageStatusRequest(image=pb.ImageSpec(image=name), verbose=not args.quiet),
+            timeout=args.timeout,
+        )
+        if not resp.HasField("image"):
+            raise CtlError(f"no such image {name!r} present")
+        entry: dict[str, Any] = {"status": MessageToDict(resp.image)}
+        if resp.info:
+            entry["info"] = {k: _maybe_json(v) for k, v in resp.info.items()}
+        results.append(entry)
+    for entry in results:
+        print(json.dumps(entry, indent=2))
+
+
+def _maybe_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def cmd_rmi(client: Client, args: argparse.Namespace) -> None:
+    names = list(args.images)
+    if args.all:
+        names = [i.id for i in client.image.ListImages(pb.ListImagesRequest(),
+                                                       timeout=args.timeout).images]
+    if not names:
+        raise CtlError("rmi: give at least one IMAGE, or --all")
+    for name in names:
+        status = client.image.ImageStatus(
+            pb.ImageStatusRequest(image=pb.ImageSpec(image=name)), timeout=args.timeout)
+        if not status.HasField("image"):
+            raise CtlError(f"no such image {name}")
+        client.image.RemoveImage(
+            pb.RemoveImageRequest(image=pb.ImageSpec(image=status.image.id)),
+            timeout=args.timeout)
+        for tag in status.image.repo_tags or [status.image.id]:
+            print(f"Deleted: {tag}")
+
+
+def cmd_imagefsinfo(client: Client, args: argparse.Namespace) -> None:
+    resp = client.image.ImageFsInfo(pb.ImageFsInfoRequest(), timeout=args.timeout)
+    print(json.dumps({"status": MessageToDict(resp)}, indent=2))
+
+
+# --- wiring ---------------------------------------------------------------------------
+
+Verb = Callable[[Client, argparse.Namespace], None]
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("ctl", help="a crictl-like CRI client")
+    parser.add_argument("-r", "--runtime-endpoint",
+                        default=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT),
+                        help=f"CRI endpoint (default {DEFAULT_ENDPOINT}, or ${ENDPOINT_ENV})")
+    parser.add_argument("-i", "--image-endpoint", default=os.environ.get(IMAGE_ENDPOINT_ENV, ""),
+                        help="image service endpoint (default: the runtime endpoint)")
+    parser.add_argument("-t", "--timeout", type=float, default=10.0,
+                        help="seconds to wait for a connection and for each call")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, func: Verb, help: str, aliases: tuple[str, ...] = ()) -> Any:
+        sub = verbs.add_parser(name, help=help, aliases=list(aliases))
+        sub.set_defaults(func=lambda args: run(func, args))
+        return sub
+
+    verb("version", cmd_version, "runtime name and version")
+    verb("info", cmd_info, "runtime status and conditions")
+    images = verb("images", cmd_images, "list images", ("img", "image"))
+    images.add_argument("image", nargs="?", help="only this image (REPO[:TAG] or ID)")
+    images.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
+    images.add_argument("--digests", action="store_true", help="show digests")
+    images.add_argument("--no-trunc", action="store_true", help="full IDs and digests")
+    images.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    pull = verb("pull", cmd_pull, "pull an image")
+    pull.add_argument("image")
+    pull.add_argument("--creds", metavar="USER:PASS", help="registry credentials")
+    pull.add_argument("--auth", metavar="AUTH", help="base64 of USER:PASS")
+    inspecti = verb("inspecti", cmd_inspecti, "image status")
+    inspecti.add_argument("images", nargs="+", metavar="IMAGE")
+    inspecti.add_argument("-q", "--quiet", action="store_true", help="status only, no info")
+    inspecti.add_argument("-o", "--output", choices=["json"], default="json")
+    rmi = verb("rmi", cmd_rmi, "remove images")
+    rmi.add_argument("images", nargs="*", metavar="IMAGE")
+    rmi.add_argument("-a", "--all", action="store_true", help="remove every image")
+    verb("imagefsinfo", cmd_imagefsinfo, "image filesystem usage")
+
+
+def run(func: Verb, args: argparse.Namespace) -> int:
+    client = Client(args.runtime_endpoint, args.image_endpoint, args.timeout)
+    try:
+        func(client, args)
+    except CtlError as exc:
+        print(f"cripy ctl: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"cripy ctl {args.verb}: {code}: {details}", file=sys.stderr)
+        return 1
+    return 0

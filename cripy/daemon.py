@@ -1,0 +1,122 @@
+"""The daemon: builds the services from the config, serves them, shuts down on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+
+from cripy.api import api_pb2_grpc
+from cripy.config import Config
+from cripy.errors import FailedPreconditionError
+from cripy.image.registry import RegistryClient
+from cripy.image.service import ImageManager
+from cripy.image.store import ImageStore
+from cripy.server.image import ImageServicer
+from cripy.server.runtime import RuntimeServicer
+
+log = logging.getLogger("cripy.daemon")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the kubelet's own limit
+SHUTDOWN_GRACE_SECONDS = 5
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.root = Path(config.root)
+        self.runroot = Path(config.runroot)
+        self.socket_path = config.socket_path
+        self.images = ImageManager(config, ImageStore(self.root), RegistryClient(config))
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.runroot.mkdir(parents=True, exist_ok=True, mode=0o711)
+        lock_fd = self._take_lock()
+        server = None
+        try:
+            await self.images.start()
+            server = await self._start_server()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            log.info("cripy serving on unix://%s (root %s, runroot %s)",
+                     self.socket_path, self.root, self.runroot)
+            await self._stop.wait()
+            log.info("shutting down")
+        finally:
+            if server is not None:
+                await server.stop(SHUTDOWN_GRACE_SECONDS)
+            await self.images.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            os.close(lock_fd)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _take_lock(self) -> int:
+        """One daemon per root: a second one would corrupt the first one's state."""
+        fd = os.open(self.root / "cripy.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FailedPreconditionError(
+                f"another cripy daemon is using {self.root}"
+            ) from None
+        return fd
+
+    async def _start_server(self) -> grpc.aio.Server:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        _remove_stale_socket(self.socket_path)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(self.config), server)
+        api_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), server)
+        # Created with the right mode from the start: no moment where others may connect.
+        old_umask = os.umask(0o117)
+        try:
+            server.add_insecure_port(f"unix:{self.socket_path}")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o660)
+        return server
+
+
+def _remove_stale_socket(path: Path) -> None:
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a leftover of a killed daemon
+        return
+    finally:
+        probe.close()
+    raise FailedPreconditionError(f"something is already listening on {path}")
+
+
+async def serve(config: Config) -> None:
+    await Daemon(config).run()

@@ -1,0 +1,65 @@
+"""What every RPC handler shares: error mapping, logging, and UNIMPLEMENTED stubs."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from cripy.errors import CripyError
+
+log = logging.getLogger("cripy.rpc")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
+
+
+def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Turn runtime errors into gRPC statuses and log each call with its duration."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Req, context: Context) -> Resp:
+        started = time.monotonic()
+        try:
+            response = await handler(self, request, context)
+        except CripyError as exc:
+            log.info("%s failed: %s: %s", name, exc.code, exc)
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            raise  # unreachable: abort raises
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            log.exception("%s failed unexpectedly", name)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {exc}")
+            raise
+        log.debug("%s ok in %.1f ms", name, (time.monotonic() - started) * 1000)
+        return response
+
+    return wrapper
+
+
+def unimplemented_stubs(service: ServiceDescriptor) -> dict[str, Any]:
+    """A handler per RPC of `service` that answers UNIMPLEMENTED naming the RPC.
+
+    A servicer class inherits these and overrides what it implements.
+    """
+
+    def stub(method_name: str) -> Any:
+        async def handler(self: Any, request: Any, context: Context) -> Any:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{service.name}.{method_name} is not implemented by cripy yet",
+            )
+
+        handler.__name__ = method_name
+        return handler
+
+    return {m.name: stub(m.name) for m in service.methods}

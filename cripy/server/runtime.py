@@ -1,0 +1,76 @@
+"""RuntimeService: Version and Status now; every other RPC answers UNIMPLEMENTED by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+from cripy import __version__
+from cripy.api import api_pb2 as pb
+from cripy.config import Config
+from cripy.network.readiness import Readiness, check_network
+from cripy.server.rpc import Context, rpc, unimplemented_stubs
+
+RUNTIME_NAME = "cripy"
+RUNTIME_API_VERSION = "v1"
+KUBE_API_VERSION = "0.1.0"  # the CRI's own version string, as other runtimes answer
+
+if TYPE_CHECKING:
+    _RuntimeStubs = object
+else:  # every RPC answers UNIMPLEMENTED until RuntimeServicer defines it
+    _RuntimeStubs = type(
+        "_RuntimeStubs", (), unimplemented_stubs(pb.DESCRIPTOR.services_by_name["RuntimeService"])
+    )
+
+
+def check_runtime(config: Config) -> Readiness:
+    for role, binary in (("OCI runtime", config.runtime.runtime_path),
+                         ("container monitor", config.runtime.conmon_path)):
+        found = shutil.which(binary) if os.sep not in binary else (
+            binary if os.access(binary, os.X_OK) else None)
+        if found is None:
+            return Readiness(False, "RuntimeBinaryMissing", f"{role} {binary!r} not found")
+    return Readiness(True)
+
+
+def _condition(kind: str, readiness: Readiness) -> pb.RuntimeCondition:
+    return pb.RuntimeCondition(
+        type=kind, status=readiness.ready, reason=readiness.reason, message=readiness.message
+    )
+
+
+class RuntimeServicer(_RuntimeStubs):
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @rpc
+    async def Version(
+        self, request: pb.VersionRequest, context: Context
+    ) -> pb.VersionResponse:
+        return pb.VersionResponse(
+            version=KUBE_API_VERSION,
+            runtime_name=RUNTIME_NAME,
+            runtime_version=__version__,
+            runtime_api_version=RUNTIME_API_VERSION,
+        )
+
+    @rpc
+    async def Status(
+        self, request: pb.StatusRequest, context: Context
+    ) -> pb.StatusResponse:
+        network = self.config.network
+        status = pb.RuntimeStatus(
+            conditions=[
+                _condition("RuntimeReady", check_runtime(self.config)),
+                _condition(
+                    "NetworkReady", check_network(network.cni_config_dir, network.cni_plugin_dirs)
+                ),
+            ]
+        )
+        info = {}
+        if request.verbose:
+            info["config"] = json.dumps(dataclasses.asdict(self.config))
+        return pb.StatusResponse(status=status, info=info)
