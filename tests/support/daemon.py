@@ -1,0 +1,150 @@
+"""A real `cripy daemon` in its own state directories, driven over its real socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from cripy.api import api_pb2 as pb
+from cripy.api import api_pb2_grpc
+
+START_TIMEOUT = 30.0
+
+
+class Daemon:
+    def __init__(self, workdir: Path, insecure_registries: list[str] | None = None,
+                 extra_config: str = "") -> None:
+        self.workdir = workdir
+        self.root = workdir / "root"
+        self.runroot = workdir / "run"
+        self.socket = self.runroot / "cripy.sock"
+        self.endpoint = f"unix://{self.socket}"
+        self.cni_dir = workdir / "cni"
+        self.cni_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "daemon.log"
+        self.config_path = workdir / "cripy.toml"
+        lines = [
+            f'root = "{self.root}"',
+            f'runroot = "{self.runroot}"',
+            f'listen = "{self.endpoint}"',
+            'log_level = "debug"',
+            extra_config,
+            "[network]",
+            f'cni_config_dir = "{self.cni_dir}"',
+        ]
+        for host in insecure_registries or []:
+            lines += [f'[registries."{host}"]', "insecure = true"]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        self.process: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> Daemon:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cripy", "daemon", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+            if self.socket.exists():
+                try:
+                    self.runtime.Version(pb.VersionRequest(), timeout=2)
+                    return self
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"daemon did not come up in {START_TIMEOUT}s:\n{self.log()}")
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        self._close_channel()
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self._close_channel()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> Daemon:
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except FileNotFoundError:
+            return ""
+
+    # --- clients ------------------------------------------------------------------------
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.endpoint)
+        return self._channel
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    @property
+    def runtime(self) -> api_pb2_grpc.RuntimeServiceStub:
+        return api_pb2_grpc.RuntimeServiceStub(self.channel)
+
+    @property
+    def images(self) -> api_pb2_grpc.ImageServiceStub:
+        return api_pb2_grpc.ImageServiceStub(self.channel)
+
+    def pull(self, image: str, user: str = "", password: str = "") -> str:
+        request = pb.PullImageRequest(
+            image=pb.ImageSpec(image=image),
+            auth=pb.AuthConfig(username=user, password=password),
+        )
+        return str(self.images.PullImage(request, timeout=120).image_ref)
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
+        """Run `cripy ctl` against this daemon."""
+        result = subprocess.run(
+            [sys.executable, "-m", "cripy", "ctl", "-r", self.endpoint, *args],
+            capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"cripy ctl {' '.join(args)} failed ({result.returncode}): {result.stderr}"
+            )
+        return result
