@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -19,6 +20,10 @@ from cripy.errors import FailedPreconditionError
 from cripy.image.registry import RegistryClient
 from cripy.image.service import ImageManager
 from cripy.image.store import ImageStore
+from cripy.network.cni import CNIManager
+from cripy.oci.runtime import OciRuntime
+from cripy.runtime.container import ContainerManager
+from cripy.runtime.sandbox import SandboxManager
 from cripy.server.image import ImageServicer
 from cripy.server.runtime import RuntimeServicer
 
@@ -42,6 +47,18 @@ class Daemon:
         self.runroot = Path(config.runroot)
         self.socket_path = config.socket_path
         self.images = ImageManager(config, ImageStore(self.root), RegistryClient(config))
+        # conmon wants the runtime as a path, not a name to look up.
+        oci = OciRuntime(runtime_path=shutil.which(config.runtime.runtime_path)
+                         or config.runtime.runtime_path,
+                         conmon_path=shutil.which(config.runtime.conmon_path)
+                         or config.runtime.conmon_path,
+                         state_dir=self.runroot / "oci", log_level=config.log_level)
+        cni = CNIManager(config.network.cni_config_dir, config.network.cni_plugin_dirs,
+                         cache_dir=self.root / "cni-cache")
+        self.sandboxes = SandboxManager(config, oci, cni)
+        self.containers = ContainerManager(config, oci, self.images, self.sandboxes)
+        self.sandboxes.containers = self.containers
+        self.images.layers_in_use = self.containers.layers_in_use
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -51,6 +68,9 @@ class Daemon:
         server = None
         try:
             await self.images.start()
+            await self.sandboxes.recover()
+            await self.containers.recover()
+            await self.images.collect_garbage()
             server = await self._start_server()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,7 +111,8 @@ class Daemon:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ]
         )
-        api_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(self.config), server)
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(
+            RuntimeServicer(self.config, self.sandboxes, self.containers), server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), server)
         # Created with the right mode from the start: no moment where others may connect.
         old_umask = os.umask(0o117)

@@ -52,6 +52,8 @@ class ImageManager:
         self._in_flight: Counter[str] = Counter()
         self._download_slots = asyncio.Semaphore(config.image.pull_concurrency)
         self.on_progress: Callable[[str, int], None] | None = None
+        # Layers containers are built on; set by the daemon once containers exist.
+        self.layers_in_use: Callable[[], frozenset[str]] = frozenset
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.load)
@@ -74,7 +76,7 @@ class ImageManager:
         except BaseException:
             # Layers this pull committed but no image uses would linger until the next
             # start; drop them now (layers other pulls are fetching stay pinned).
-            await self._collect_garbage(pinned=Counter(diff_ids))
+            await self.collect_garbage(pinned=Counter(diff_ids))
             raise
         finally:
             self._in_flight.subtract(diff_ids)
@@ -115,11 +117,11 @@ class ImageManager:
         async with self._gc_lock:
             return await asyncio.to_thread(commit)
 
-    async def _collect_garbage(self, pinned: Counter[str] | None = None) -> None:
+    async def collect_garbage(self, pinned: Counter[str] | None = None) -> None:
         """Drop layers and blobs no image uses, except those pulls are working on."""
-        keep = self._in_flight - (pinned or Counter())
+        keep = frozenset(self._in_flight - (pinned or Counter())) | self.layers_in_use()
         async with self._gc_lock:
-            await asyncio.to_thread(self.store.collect_garbage, frozenset(keep))
+            await asyncio.to_thread(self.store.collect_garbage, keep)
 
     async def _fetch_small_blob(self, resolved: Resolved, desc: Descriptor) -> bytes:
         stage = await asyncio.to_thread(self.store.staging_dir)
@@ -227,7 +229,7 @@ class ImageManager:
         if record is None:
             return
         await asyncio.to_thread(self.store.delete_image, record.id)
-        await self._collect_garbage()
+        await self.collect_garbage()
         log.info("removed image %s", record.id)
 
     async def usage(self) -> tuple[int, int]:

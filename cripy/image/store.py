@@ -73,7 +73,11 @@ class ImageStore:
     # --- start-up ---------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the records and drop whatever an interrupted pull left behind."""
+        """Read the records and drop what an interrupted pull left in tmp/.
+
+        Layers and blobs nobody uses are left for `collect_garbage()`, which needs to know
+        the layers containers use.
+        """
         for d in (self.blobs, self.layers, self.images):
             d.mkdir(parents=True, exist_ok=True)
         remove_tree(self.tmp)
@@ -90,7 +94,6 @@ class ImageStore:
             else:
                 log.warning("dropping image %s: a layer is missing", record.id)
                 path.unlink()
-        self.collect_garbage()
 
     # --- blobs and layers ---------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""RuntimeService: Version and Status now; every other RPC answers UNIMPLEMENTED by name."""
+"""RuntimeService: Version, Status, pods and containers; every RPC not built yet answers
+UNIMPLEMENTED with its name."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from cripy import __version__
 from cripy.api import api_pb2 as pb
 from cripy.config import Config
 from cripy.network.readiness import Readiness, check_network
+from cripy.runtime.container import ContainerManager
+from cripy.runtime.sandbox import SandboxManager
+from cripy.server.container import ContainerRpcs
 from cripy.server.rpc import Context, rpc, unimplemented_stubs
+from cripy.server.sandbox import SandboxRpcs
 
 RUNTIME_NAME = "cripy"
 RUNTIME_API_VERSION = "v1"
@@ -42,9 +47,12 @@ def _condition(kind: str, readiness: Readiness) -> pb.RuntimeCondition:
     )
 
 
-class RuntimeServicer(_RuntimeStubs):
-    def __init__(self, config: Config) -> None:
+class RuntimeServicer(SandboxRpcs, ContainerRpcs, _RuntimeStubs):
+    def __init__(self, config: Config, sandboxes: SandboxManager,
+                 containers: ContainerManager) -> None:
         self.config = config
+        self.sandboxes = sandboxes
+        self.containers = containers
 
     @rpc
     async def Version(

@@ -1,0 +1,116 @@
+"""The container RPCs: create/start/stop/remove, status and list, update, exec, logs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from cripy.api import api_pb2 as pb
+from cripy.errors import DeadlineExceededError
+from cripy.runtime.container import STATE_TO_PB, Container, ContainerManager
+from cripy.server.rpc import Context, rpc
+
+
+class ContainerRpcs:
+    containers: ContainerManager
+
+    @rpc
+    async def CreateContainer(
+        self, request: pb.CreateContainerRequest, context: Context
+    ) -> pb.CreateContainerResponse:
+        container = await self.containers.create(
+            request.pod_sandbox_id, request.config, request.sandbox_config)
+        return pb.CreateContainerResponse(container_id=container.id)
+
+    @rpc
+    async def StartContainer(
+        self, request: pb.StartContainerRequest, context: Context
+    ) -> pb.StartContainerResponse:
+        await self.containers.start(request.container_id)
+        return pb.StartContainerResponse()
+
+    @rpc
+    async def StopContainer(
+        self, request: pb.StopContainerRequest, context: Context
+    ) -> pb.StopContainerResponse:
+        await self.containers.stop(request.container_id, request.timeout)
+        return pb.StopContainerResponse()
+
+    @rpc
+    async def RemoveContainer(
+        self, request: pb.RemoveContainerRequest, context: Context
+    ) -> pb.RemoveContainerResponse:
+        await self.containers.remove(request.container_id)
+        return pb.RemoveContainerResponse()
+
+    @rpc
+    async def ListContainers(
+        self, request: pb.ListContainersRequest, context: Context
+    ) -> pb.ListContainersResponse:
+        flt = request.filter if request.HasField("filter") else None
+        return pb.ListContainersResponse(containers=[
+            pb.Container(
+                id=c.id, pod_sandbox_id=c.sandbox_id, metadata=c.config.metadata,
+                image=c.config.image, image_ref=c.image_id, state=STATE_TO_PB[c.state],
+                created_at=c.created_at, labels=c.config.labels,
+                annotations=c.config.annotations, image_id=c.image_id,
+            )
+            for c in self.containers.matching(flt)
+        ])
+
+    @rpc
+    async def ContainerStatus(
+        self, request: pb.ContainerStatusRequest, context: Context
+    ) -> pb.ContainerStatusResponse:
+        c = self.containers.get(request.container_id)
+        status = pb.ContainerStatus(
+            id=c.id, metadata=c.config.metadata, state=STATE_TO_PB[c.state],
+            created_at=c.created_at, started_at=c.started_at, finished_at=c.finished_at,
+            exit_code=c.exit_code, image=c.config.image, image_ref=c.image_id,
+            reason=c.reason, message=c.message, labels=c.config.labels,
+            annotations=c.config.annotations, mounts=c.config.mounts, log_path=c.log_path,
+            image_id=c.image_id,
+            resources=pb.ContainerResources(linux=c.config.linux.resources),
+        )
+        info = {}
+        if request.verbose:
+            info["info"] = json.dumps(self._verbose_info(c))
+        return pb.ContainerStatusResponse(status=status, info=info)
+
+    def _verbose_info(self, c: Container) -> dict[str, object]:
+        spec_path = self.containers.run_dir / c.id / "config.json"
+        try:
+            spec = json.loads(Path(spec_path).read_text())
+        except (OSError, ValueError):
+            spec = None
+        return {"id": c.id, "sandboxID": c.sandbox_id, "pid": c.pid, "name": c.name,
+                "runtimeSpec": spec}
+
+    @rpc
+    async def UpdateContainerResources(
+        self, request: pb.UpdateContainerResourcesRequest, context: Context
+    ) -> pb.UpdateContainerResourcesResponse:
+        await self.containers.update_resources(request.container_id, request.linux)
+        return pb.UpdateContainerResourcesResponse()
+
+    @rpc
+    async def ExecSync(
+        self, request: pb.ExecSyncRequest, context: Context
+    ) -> pb.ExecSyncResponse:
+        started = time.monotonic()
+        result = await self.containers.exec_sync(
+            request.container_id, list(request.cmd), request.timeout or None)
+        if result.timed_out:
+            raise DeadlineExceededError(
+                f"command {list(request.cmd)!r} timed out after "
+                f"{time.monotonic() - started:.1f}s (timeout {request.timeout}s)")
+        return pb.ExecSyncResponse(
+            stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    @rpc
+    async def ReopenContainerLog(
+        self, request: pb.ReopenContainerLogRequest, context: Context
+    ) -> pb.ReopenContainerLogResponse:
+        await self.containers.reopen_log(request.container_id)
+        return pb.ReopenContainerLogResponse()

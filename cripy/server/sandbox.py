@@ -1,0 +1,89 @@
+"""RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from google.protobuf.json_format import MessageToDict
+
+from cripy.api import api_pb2 as pb
+from cripy.runtime.sandbox import READY, Sandbox, SandboxManager
+from cripy.server.rpc import Context, rpc
+
+
+def sandbox_state(sandbox: Sandbox) -> pb.PodSandboxState:
+    return pb.SANDBOX_READY if sandbox.state == READY else pb.SANDBOX_NOTREADY
+
+
+class SandboxRpcs:
+    sandboxes: SandboxManager
+
+    @rpc
+    async def RunPodSandbox(
+        self, request: pb.RunPodSandboxRequest, context: Context
+    ) -> pb.RunPodSandboxResponse:
+        sandbox = await self.sandboxes.run(request.config, request.runtime_handler)
+        return pb.RunPodSandboxResponse(pod_sandbox_id=sandbox.id)
+
+    @rpc
+    async def StopPodSandbox(
+        self, request: pb.StopPodSandboxRequest, context: Context
+    ) -> pb.StopPodSandboxResponse:
+        await self.sandboxes.stop(request.pod_sandbox_id)
+        return pb.StopPodSandboxResponse()
+
+    @rpc
+    async def RemovePodSandbox(
+        self, request: pb.RemovePodSandboxRequest, context: Context
+    ) -> pb.RemovePodSandboxResponse:
+        await self.sandboxes.remove(request.pod_sandbox_id)
+        return pb.RemovePodSandboxResponse()
+
+    @rpc
+    async def PodSandboxStatus(
+        self, request: pb.PodSandboxStatusRequest, context: Context
+    ) -> pb.PodSandboxStatusResponse:
+        sandbox = self.sandboxes.get(request.pod_sandbox_id)
+        config = sandbox.config
+        ips = sandbox.ips
+        status = pb.PodSandboxStatus(
+            id=sandbox.id,
+            metadata=config.metadata,
+            state=sandbox_state(sandbox),
+            created_at=sandbox.created_at,
+            network=pb.PodSandboxNetworkStatus(
+                ip=ips[0] if ips else "", additional_ips=[pb.PodIP(ip=ip) for ip in ips[1:]]
+            ),
+            linux=pb.LinuxPodSandboxStatus(
+                namespaces=pb.Namespace(options=config.linux.security_context.namespace_options)
+            ),
+            labels=config.labels,
+            annotations=config.annotations,
+            runtime_handler=sandbox.runtime_handler,
+        )
+        info = {}
+        if request.verbose:
+            info["info"] = json.dumps({
+                "id": sandbox.id,
+                "name": sandbox.name,
+                "pid": sandbox.infra_pid,
+                "namespaces": sandbox.namespaces,
+                "config": MessageToDict(config),
+            })
+        return pb.PodSandboxStatusResponse(status=status, info=info, timestamp=time.time_ns())
+
+    @rpc
+    async def ListPodSandbox(
+        self, request: pb.ListPodSandboxRequest, context: Context
+    ) -> pb.ListPodSandboxResponse:
+        flt = request.filter if request.HasField("filter") else None
+        items = [
+            pb.PodSandbox(
+                id=s.id, metadata=s.config.metadata, state=sandbox_state(s),
+                created_at=s.created_at, labels=s.config.labels,
+                annotations=s.config.annotations, runtime_handler=s.runtime_handler,
+            )
+            for s in self.sandboxes.matching(flt)
+        ]
+        return pb.ListPodSandboxResponse(items=items)
