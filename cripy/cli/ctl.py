@@ -11,14 +11,18 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TextIO
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, Parse, ParseError
+from google.protobuf.message import Message
 
 from cripy.api import api_pb2 as pb
 from cripy.api import api_pb2_grpc
+from cripy.cli.crilog import Timestamp
 
 DEFAULT_ENDPOINT = "unix:///run/cripy/cripy.sock"
 ENDPOINT_ENV = "CONTAINER_RUNTIME_ENDPOINT"
@@ -26,7 +30,14 @@ IMAGE_ENDPOINT_ENV = "IMAGE_SERVICE_ENDPOINT"
 
 
 class CtlError(Exception):
-    """A failure to report as one line."""
+    """A failure to report as one line: `cripy ctl VERB: CODE: message`.
+
+    `code` is a gRPC status code name, so local failures read like the runtime's.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Client:
@@ -45,8 +56,8 @@ class Client:
             try:
                 grpc.channel_ready_future(channel).result(timeout=self.timeout)
             except grpc.FutureTimeoutError:
-                raise CtlError(f"cannot connect to {target}: no CRI runtime answers "
-                               f"within {self.timeout:g}s") from None
+                raise CtlError("UNAVAILABLE", f"cannot connect to {target}: no CRI runtime "
+                               f"answers within {self.timeout:g}s") from None
             self._channels[target] = channel
         return self._channels[target]
 
@@ -72,6 +83,50 @@ def to_json(message: Any) -> str:
     return json.dumps(MessageToDict(message), indent=2)
 
 
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def human_duration(seconds: float) -> str:
+    """A duration the way crictl (docker's go-units) writes ages: "3 minutes"."""
+    if seconds < 1:
+        return "Less than a second"
+    if seconds < 2:
+        return "1 second"
+    if seconds < 60:
+        return f"{int(seconds)} seconds"
+    minutes = int(seconds // 60)
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds // 3600) // 24 // 365} years"
+
+
+def age(created_nanos: int, now_nanos: int | None = None) -> str:
+    """`created_at` (nanoseconds) as crictl's CREATED column: "2 minutes ago"."""
+    now = time.time_ns() if now_nanos is None else now_nanos
+    return human_duration(max(0, now - created_nanos) / 1e9) + " ago"
+
+
+def rfc3339(nanos: int) -> str:
+    """Nanoseconds since the epoch in UTC, RFC3339Nano style (Go's zero time for 0)."""
+    if nanos == 0:
+        return "0001-01-01T00:00:00Z"
+    return Timestamp(nanos).format()
+
+
 def human_size(size: int) -> str:
     """Sizes as crictl prints them: decimal units, three significant digits."""
     value = float(size)
@@ -91,6 +146,73 @@ def print_table(rows: list[list[str]], out: TextIO = sys.stdout) -> None:
 
 def short_id(image_id: str) -> str:
     return image_id.removeprefix("sha256:")[:13]
+
+
+def resolve_id(prefix: str, ids: Iterable[str], kind: str) -> str:
+    """The one ID in `ids` that is `prefix` or starts with it (crictl's ID prefixes)."""
+    if not prefix:
+        raise CtlError("INVALID_ARGUMENT", f"{kind} ID cannot be empty")
+    candidates = set(ids)
+    if prefix in candidates:
+        return prefix
+    matches = sorted(i for i in candidates if i.startswith(prefix))
+    if not matches:
+        raise CtlError("NOT_FOUND", f"no {kind} with ID {prefix!r}")
+    if len(matches) > 1:
+        shown = ", ".join(m[:13] for m in matches[:4]) + (", ..." if len(matches) > 4 else "")
+        raise CtlError("INVALID_ARGUMENT",
+                       f"{kind} ID prefix {prefix!r} is ambiguous: it matches {shown}")
+    return matches[0]
+
+
+def parse_labels(pairs: Iterable[str]) -> dict[str, str]:
+    """`--label key=value` flags as a selector."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CtlError("INVALID_ARGUMENT", f"label {pair!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+M = TypeVar("M", bound=Message)
+
+
+def load_config(path: str, message: M) -> M:
+    """Fill `message` from a JSON file in crictl's format (snake_case or lowerCamel)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CtlError("NOT_FOUND", f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CtlError("INVALID_ARGUMENT", f"cannot read config file {path}: {exc}") from None
+    try:
+        Parse(text, message, ignore_unknown_fields=False)
+    except ParseError as exc:
+        detail = one_line(str(exc)).split(" Available Fields", 1)[0]
+        raise CtlError("INVALID_ARGUMENT", f"{path}: {detail}") from None
+    return message
+
+
+def load_pod_config(path: str) -> pb.PodSandboxConfig:
+    config = load_config(path, pb.PodSandboxConfig())
+    meta = config.metadata
+    if not config.HasField("metadata") or not meta.name or not meta.namespace:
+        raise CtlError("INVALID_ARGUMENT", f"{path}: metadata.name and metadata.namespace "
+                                           "are required")
+    if not meta.uid:
+        meta.uid = str(uuid.uuid4())
+    return config
+
+
+def load_container_config(path: str) -> pb.ContainerConfig:
+    config = load_config(path, pb.ContainerConfig())
+    if not config.HasField("metadata") or not config.metadata.name:
+        raise CtlError("INVALID_ARGUMENT", f"{path}: metadata.name is required")
+    if not config.image.image:
+        raise CtlError("INVALID_ARGUMENT", f"{path}: image.image is required")
+    return config
 
 
 def split_repo(tag: str) -> tuple[str, str]:
@@ -155,14 +277,19 @@ def cmd_pull(client: Client, args: argparse.Namespace) -> None:
     if args.creds:
         user, sep, password = args.creds.partition(":")
         if not sep:
-            raise CtlError("--creds must be USERNAME[:PASSWORD] with a password")
+            raise CtlError("INVALID_ARGUMENT", "--creds must be USERNAME:PASSWORD")
         auth.username, auth.password = user, password
     if args.auth:
         auth.auth = args.auth
-    request = pb.PullImageRequest(image=pb.ImageSpec(image=args.image), auth=auth)
-    with Progress(f"Pulling {args.image}", _store_bytes(client)):
-        resp = client.image.PullImage(request)
+    resp = pull_image(client, pb.PullImageRequest(image=pb.ImageSpec(image=args.image),
+                                                  auth=auth))
     print(f"Image is up to date for {resp.image_ref}")
+
+
+def pull_image(client: Client, request: pb.PullImageRequest) -> pb.PullImageResponse:
+    with Progress(f"Pulling {request.image.image}", _store_bytes(client)):
+        response: pb.PullImageResponse = client.image.PullImage(request)
+    return response
 
 
 def _store_bytes(client: Client) -> Callable[[], int | None]:
@@ -229,16 +356,16 @@ def cmd_inspecti(client: Client, args: argparse.Namespace) -> None:
             timeout=args.timeout,
         )
         if not resp.HasField("image"):
-            raise CtlError(f"no such image {name!r} present")
+            raise CtlError("NOT_FOUND", f"no such image {name!r} present")
         entry: dict[str, Any] = {"status": MessageToDict(resp.image)}
         if resp.info:
-            entry["info"] = {k: _maybe_json(v) for k, v in resp.info.items()}
+            entry["info"] = {k: maybe_json(v) for k, v in resp.info.items()}
         results.append(entry)
     for entry in results:
         print(json.dumps(entry, indent=2))
 
 
-def _maybe_json(value: str) -> Any:
+def maybe_json(value: str) -> Any:
     try:
         return json.loads(value)
     except ValueError:
@@ -251,12 +378,12 @@ def cmd_rmi(client: Client, args: argparse.Namespace) -> None:
         names = [i.id for i in client.image.ListImages(pb.ListImagesRequest(),
                                                        timeout=args.timeout).images]
     if not names:
-        raise CtlError("rmi: give at least one IMAGE, or --all")
+        raise CtlError("INVALID_ARGUMENT", "give at least one IMAGE, or --all")
     for name in names:
         status = client.image.ImageStatus(
             pb.ImageStatusRequest(image=pb.ImageSpec(image=name)), timeout=args.timeout)
         if not status.HasField("image"):
-            raise CtlError(f"no such image {name}")
+            raise CtlError("NOT_FOUND", f"no such image {name}")
         client.image.RemoveImage(
             pb.RemoveImageRequest(image=pb.ImageSpec(image=status.image.id)),
             timeout=args.timeout)
@@ -271,10 +398,22 @@ def cmd_imagefsinfo(client: Client, args: argparse.Namespace) -> None:
 
 # --- wiring ---------------------------------------------------------------------------
 
-Verb = Callable[[Client, argparse.Namespace], None]
+#: A verb's implementation; it returns the exit status, or None for 0.
+Verb = Callable[[Client, argparse.Namespace], int | None]
+#: Registers a verb: (name, implementation, help, aliases) -> its argument parser.
+AddVerb = Callable[[str, Verb, str, tuple[str, ...]], argparse.ArgumentParser]
+
+
+class VerbParser(argparse.ArgumentParser):
+    """Usage errors of a verb as one line: `cripy ctl VERB: INVALID_ARGUMENT: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: INVALID_ARGUMENT: {message}\n")
 
 
 def add_parser(commands: Any) -> None:
+    from cripy.cli import ctl_runtime
+
     parser = commands.add_parser("ctl", help="a crictl-like CRI client")
     parser.add_argument("-r", "--runtime-endpoint",
                         default=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT),
@@ -282,11 +421,13 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("-i", "--image-endpoint", default=os.environ.get(IMAGE_ENDPOINT_ENV, ""),
                         help="image service endpoint (default: the runtime endpoint)")
     parser.add_argument("-t", "--timeout", type=float, default=10.0,
-                        help="seconds to wait for a connection and for each call")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+                        help="seconds to wait for a connection and for each query")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB",
+                                  parser_class=VerbParser)
 
-    def verb(name: str, func: Verb, help: str, aliases: tuple[str, ...] = ()) -> Any:
-        sub = verbs.add_parser(name, help=help, aliases=list(aliases))
+    def verb(name: str, func: Verb, help: str, aliases: tuple[str, ...] = ()
+             ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = verbs.add_parser(name, help=help, aliases=list(aliases))
         sub.set_defaults(func=lambda args: run(func, args))
         return sub
 
@@ -310,18 +451,30 @@ def add_parser(commands: Any) -> None:
     rmi.add_argument("images", nargs="*", metavar="IMAGE")
     rmi.add_argument("-a", "--all", action="store_true", help="remove every image")
     verb("imagefsinfo", cmd_imagefsinfo, "image filesystem usage")
+    ctl_runtime.add_verbs(verb)
+
+
+def fail(verb: str, code: str, message: str) -> int:
+    print(f"cripy ctl {verb}: {code}: {one_line(message)}", file=sys.stderr)
+    return 1
 
 
 def run(func: Verb, args: argparse.Namespace) -> int:
     client = Client(args.runtime_endpoint, args.image_endpoint, args.timeout)
     try:
-        func(client, args)
+        status = func(client, args)
+        sys.stdout.flush()
     except CtlError as exc:
-        print(f"cripy ctl: {exc}", file=sys.stderr)
-        return 1
+        return fail(args.verb, exc.code, str(exc))
     except grpc.RpcError as exc:
-        code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        print(f"cripy ctl {args.verb}: {code}: {details}", file=sys.stderr)
-        return 1
-    return 0
+        return fail(args.verb, *rpc_error(exc))
+    except BrokenPipeError:  # e.g. `cripy ctl logs ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return status or 0
+
+
+def rpc_error(exc: grpc.RpcError) -> tuple[str, str]:
+    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return code, details or code
