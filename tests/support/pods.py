@@ -1,0 +1,118 @@
+"""Pod and container helpers for integration tests: configs, a CNI network, leak checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cripy.api import api_pb2 as pb
+from tests.support.daemon import Daemon
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@contextmanager
+def bridge_network(cni_dir: Path, state_dir: Path, subnet_octet: int) -> Iterator[str]:
+    """A bridge + host-local + portmap conflist with its own bridge and subnet.
+
+    Yields the bridge name; deletes the bridge afterwards."""
+    bridge = "cripyt" + secrets.token_hex(2)
+    conflist = {
+        "cniVersion": "1.0.0",
+        "name": f"cripy-test-{bridge}",
+        "plugins": [
+            {
+                "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {"type": "host-local", "dataDir": str(state_dir / "ipam"),
+                         "ranges": [[{"subnet": f"10.216.{subnet_octet}.0/24"}]],
+                         "routes": [{"dst": "0.0.0.0/0"}]},
+            },
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ],
+    }
+    (cni_dir / "10-test.conflist").write_text(json.dumps(conflist))
+    try:
+        yield bridge
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def pod_config(name: str, log_dir: Path, *, cgroup_parent: str = "",
+               pid: pb.NamespaceMode = pb.CONTAINER,
+               network: pb.NamespaceMode = pb.POD,
+               ipc: pb.NamespaceMode = pb.POD,
+               port_mappings: list[pb.PortMapping] | None = None,
+               labels: dict[str, str] | None = None) -> pb.PodSandboxConfig:
+    return pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, namespace="cripy-test",
+                                       uid=secrets.token_hex(8), attempt=0),
+        hostname=name,
+        log_directory=str(log_dir),
+        labels=labels or {},
+        port_mappings=port_mappings or [],
+        linux=pb.LinuxPodSandboxConfig(
+            cgroup_parent=cgroup_parent,
+            security_context=pb.LinuxSandboxSecurityContext(
+                namespace_options=pb.NamespaceOption(network=network, pid=pid, ipc=ipc)),
+        ),
+    )
+
+
+def container_config(name: str, image: str, command: list[str], *,
+                     log_path: str | None = None, **linux: object) -> pb.ContainerConfig:
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name=name),
+        image=pb.ImageSpec(image=image),
+        command=command,
+        log_path=log_path if log_path is not None else f"{name}.log",
+    )
+    if linux:
+        config.linux.CopyFrom(pb.LinuxContainerConfig(**linux))  # type: ignore[arg-type]
+    return config
+
+
+def cgroup_dirs(parent: str) -> list[Path]:
+    """Every directory of `parent` in every cgroup v1 controller."""
+    found = []
+    for controller in CGROUP_ROOT.iterdir():
+        path = controller / parent.lstrip("/")
+        if path.is_dir():
+            found.append(path)
+    return found
+
+
+def remove_cgroup(parent: str) -> None:
+    for path in cgroup_dirs(parent):
+        for child in sorted(path.glob("**/"), key=lambda p: -len(p.parts)):
+            if child != path:
+                child.rmdir()
+        path.rmdir()
+
+
+def leftovers(daemon: Daemon, bridge: str, cgroup_parent: str) -> list[str]:
+    """What a test could leak, described; empty when clean."""
+    found = []
+    marker = str(daemon.workdir)
+    found += [f"mount {line.split()[1]}" for line in Path("/proc/mounts").read_text().splitlines()
+              if marker in line]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and "cripy daemon" not in cmdline and "-m cripy" not in cmdline:
+            found.append(f"process {pid}: {cmdline[:120]}")
+    links = subprocess.run(["ip", "-o", "link", "show", "master", bridge],
+                           capture_output=True, text=True).stdout
+    found += [f"veth {line.split(':')[1].strip()}" for line in links.splitlines() if line]
+    for path in cgroup_dirs(cgroup_parent):
+        found += [f"cgroup {child}" for child in path.iterdir() if child.is_dir()]
+    return found
