@@ -58,6 +58,35 @@ class RuntimeConfig:
     runtime_path: str = _doc("The OCI runtime binary (name looked up in PATH, or a path).",
                              default="runc")
     conmon_path: str = _doc("The container monitor binary.", default="conmon")
+    cgroup_manager: str = _doc("How container cgroups are made: cgroupfs or systemd.",
+                               default="cgroupfs")
+    log_size_max: int = _doc(
+        "Largest a container log file may grow (bytes) before it is rotated; -1: no limit.",
+        default=-1,
+    )
+
+
+@dataclass
+class StreamingConfig:
+    address: str = _doc("Where the Exec/Attach/PortForward server listens.",
+                        default="127.0.0.1")
+    port: int = _doc("Its TCP port; 0 picks a free one at start.", default=10010)
+    tls_cert_file: str = _doc("PEM certificate to serve HTTPS with (empty: plain HTTP).",
+                              default="")
+    tls_key_file: str = _doc("PEM private key for tls_cert_file.", default="")
+    token_ttl: float = _doc("Seconds a streaming URL stays valid (it is single-use).",
+                            default=60.0)
+
+
+@dataclass
+class MonitoringConfig:
+    status_socket: str = _doc("The status API's unix socket (GET /info, /containers/ID ...).",
+                              default="/run/cripy/cripy-status.sock")
+    metrics_port: int = _doc("Prometheus metrics on 127.0.0.1:PORT; 0 turns them off.",
+                             default=0)
+    metrics_address: str = _doc("Address the metrics endpoint binds.", default="127.0.0.1")
+    log_format: str = _doc("The daemon's own log lines: text (key=value) or json.",
+                           default="text")
 
 
 @dataclass
@@ -82,6 +111,8 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     registries: dict[str, RegistryHostConfig] = _doc(
         "Per-registry settings, one table per host: [registries.\"HOST[:PORT]\"].",
         default_factory=dict,
@@ -132,6 +163,18 @@ def validate(config: Config) -> Config:
         raise ConfigError("image.pull_concurrency: must be at least 1")
     if config.image.registry_timeout <= 0:
         raise ConfigError("image.registry_timeout: must be positive")
+    if config.runtime.cgroup_manager not in ("cgroupfs", "systemd"):
+        raise ConfigError("runtime.cgroup_manager: must be cgroupfs or systemd, "
+                          f"got {config.runtime.cgroup_manager!r}")
+    if config.runtime.log_size_max != -1 and config.runtime.log_size_max < 8192:
+        raise ConfigError("runtime.log_size_max: must be -1 or at least 8192")
+    if config.monitoring.log_format not in ("text", "json"):
+        raise ConfigError(f"monitoring.log_format: must be text or json, "
+                          f"got {config.monitoring.log_format!r}")
+    if not 0 <= config.streaming.port < 65536:
+        raise ConfigError(f"streaming.port: {config.streaming.port} is not a port")
+    if bool(config.streaming.tls_cert_file) != bool(config.streaming.tls_key_file):
+        raise ConfigError("streaming: tls_cert_file and tls_key_file go together")
     endpoint_to_path(config.listen)
     return config
 

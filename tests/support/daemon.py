@@ -38,6 +38,10 @@ class Daemon:
             extra_config,
             "[network]",
             f'cni_config_dir = "{self.cni_dir}"',
+            "[streaming]",
+            "port = 0",
+            "[monitoring]",
+            f'status_socket = "{self.runroot / "status.sock"}"',
         ]
         for host in insecure_registries or []:
             lines += [f'[registries."{host}"]', "insecure = true"]
