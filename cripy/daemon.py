@@ -23,6 +23,7 @@ from cripy.image.store import ImageStore
 from cripy.network.cni import CNIManager
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
+from cripy.runtime.events import EventBus
 from cripy.runtime.sandbox import SandboxManager
 from cripy.server.image import ImageServicer
 from cripy.server.runtime import RuntimeServicer
@@ -55,8 +56,10 @@ class Daemon:
                          state_dir=self.runroot / "oci", log_level=config.log_level)
         cni = CNIManager(config.network.cni_config_dir, config.network.cni_plugin_dirs,
                          cache_dir=self.root / "cni-cache")
-        self.sandboxes = SandboxManager(config, oci, cni)
-        self.containers = ContainerManager(config, oci, self.images, self.sandboxes)
+        self.events = EventBus()
+        self.sandboxes = SandboxManager(config, oci, cni, self.events)
+        self.containers = ContainerManager(config, oci, self.images, self.sandboxes,
+                                           self.events)
         self.sandboxes.containers = self.containers
         self.images.layers_in_use = self.containers.layers_in_use
         self._stop = asyncio.Event()
@@ -72,6 +75,7 @@ class Daemon:
             await self.containers.recover()
             await self.images.collect_garbage()
             server = await self._start_server()
+            watcher = asyncio.create_task(self.containers.watch_exits())
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
@@ -81,6 +85,7 @@ class Daemon:
             log.info("shutting down")
         finally:
             if server is not None:
+                watcher.cancel()
                 await server.stop(SHUTDOWN_GRACE_SECONDS)
             await self.images.close()
             with contextlib.suppress(FileNotFoundError):

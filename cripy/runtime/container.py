@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import logging
 import secrets
@@ -29,6 +30,8 @@ from cripy.fsutil import atomic_write_json, remove_tree
 from cripy.image.service import ImageManager
 from cripy.oci.runtime import ExecResult, OciRuntime
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
+from cripy.runtime.events import CREATED as CREATED_EVENT
+from cripy.runtime.events import DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
 from cripy.runtime.records import RecordDir
 from cripy.runtime.sandbox import READY, Sandbox, SandboxManager
@@ -77,8 +80,9 @@ class Container:
 
 class ContainerManager:
     def __init__(self, config: Config, oci: OciRuntime, images: ImageManager,
-                 sandboxes: SandboxManager) -> None:
+                 sandboxes: SandboxManager, events: EventBus | None = None) -> None:
         self.config = config
+        self.events = events or EventBus()
         self.oci = oci
         self.images = images
         self.sandboxes = sandboxes
@@ -146,6 +150,27 @@ class ContainerManager:
         container.reason = ("OOMKilled" if status.oom_killed
                             else "Completed" if status.exit_code == 0 else "Error")
         self.records.save(container.id, container.to_record())  # small; kept synchronous
+        self._publish(STOPPED, container)
+
+    def _publish(self, kind: str, container: Container) -> None:
+        """Tell subscribers, with snapshots of the pod and all its containers."""
+        sandbox = self.sandboxes.sandboxes.get(container.sandbox_id)
+        peers = [copy.copy(c) for c in self.in_sandbox(container.sandbox_id)
+                 if c.state != CREATING]
+        self.events.publish(Event(kind, container.id, container.sandbox_id, time.time_ns(),
+                                  (copy.copy(sandbox), peers)))
+
+    async def watch_exits(self, interval: float = 0.25) -> None:
+        """Notice exits as they happen (conmon's exit files), so events go out promptly."""
+        while True:
+            await asyncio.sleep(interval)
+            for container in list(self.containers.values()):
+                if container.state == RUNNING:
+                    try:
+                        self.refresh(container)
+                    except OSError as exc:
+                        log.warning("container %s: reading its exit failed: %s",
+                                    container.id[:12], exc)
 
     # --- CreateContainer ----------------------------------------------------------------
 
@@ -183,6 +208,7 @@ class ContainerManager:
                 raise
             container.state = CREATED
             await self._save(container)
+        self._publish(CREATED_EVENT, container)
         log.info("container %s (%s) created", container.id[:12], container.name)
         return container
 
@@ -223,6 +249,7 @@ class ContainerManager:
             container.state = RUNNING
             container.started_at = time.time_ns()
             await self._save(container)
+        self._publish(STARTED, container)
         log.info("container %s started", container.id[:12])
 
     async def stop(self, container_id: str, timeout: float) -> None:
@@ -242,6 +269,7 @@ class ContainerManager:
                     container.reason = "Error"
                     container.message = "stopped before it was started"
                     await self._save(container)
+                    self._publish(STOPPED, container)
                 self.refresh(container)
         log.info("container %s stopped", container.id[:12])
 
@@ -253,6 +281,7 @@ class ContainerManager:
             return
         async with self.locks.hold(container.id):
             await self._destroy(container)
+        self._publish(DELETED, container)
         log.info("container %s removed", container.id[:12])
 
     async def stop_all_in(self, sandbox_id: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import logging
 import secrets
 import shutil
@@ -32,6 +33,7 @@ from cripy.network.cni import CNIManager, PortMapping
 from cripy.network.namespaces import is_pinned, pin_namespaces, unpin_namespaces
 from cripy.oci.runtime import OciRuntime
 from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
+from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
 from cripy.runtime.podfiles import pod_hostname, write_pod_files
 from cripy.runtime.records import RecordDir
@@ -96,8 +98,10 @@ class Sandbox:
 
 
 class SandboxManager:
-    def __init__(self, config: Config, oci: OciRuntime, cni: CNIManager) -> None:
+    def __init__(self, config: Config, oci: OciRuntime, cni: CNIManager,
+                 events: EventBus | None = None) -> None:
         self.config = config
+        self.events = events or EventBus()
         self.oci = oci
         self.cni = cni
         self.records = RecordDir(Path(config.root) / "pods", "pod")
@@ -163,6 +167,8 @@ class SandboxManager:
                 raise
             sandbox.state = READY
             await self._save(sandbox)
+        self._publish(CREATED, sandbox)
+        self._publish(STARTED, sandbox)
         log.info("pod %s (%s) ready, ips %s", sandbox.id[:12], sandbox.name, sandbox.ips)
         return sandbox
 
@@ -252,6 +258,7 @@ class SandboxManager:
             if sandbox.state != NOTREADY:
                 sandbox.state = NOTREADY
                 await self._save(sandbox)
+                self._publish(STOPPED, sandbox)
         log.info("pod %s stopped", sandbox.id[:12])
 
     async def remove(self, sandbox_id: str) -> None:
@@ -262,6 +269,7 @@ class SandboxManager:
         await self.containers.remove_all_in(sandbox.id)
         async with self.locks.hold(sandbox.id):
             await self._destroy(sandbox)
+        self._publish(DELETED, sandbox)
         log.info("pod %s removed", sandbox.id[:12])
 
     async def _release(self, sandbox: Sandbox) -> None:
@@ -285,6 +293,12 @@ class SandboxManager:
         await asyncio.to_thread(remove_tree, self.pod_dir(sandbox.id))
         await asyncio.to_thread(remove_tree, self.records.object_dir(sandbox.id))
         self.sandboxes.pop(sandbox.id, None)
+
+    def _publish(self, kind: str, sandbox: Sandbox) -> None:
+        """Pod events carry the sandbox ID as the container ID, as other runtimes do."""
+        peers = [copy.copy(c) for c in self.containers.in_sandbox(sandbox.id)]
+        self.events.publish(Event(kind, sandbox.id, sandbox.id, time.time_ns(),
+                                  (copy.copy(sandbox), peers)))
 
     async def _save(self, sandbox: Sandbox) -> None:
         await asyncio.to_thread(self.records.save, sandbox.id, sandbox.to_record())

@@ -12,6 +12,18 @@ from cripy.runtime.container import STATE_TO_PB, Container, ContainerManager
 from cripy.server.rpc import Context, rpc
 
 
+def container_status(c: Container) -> pb.ContainerStatus:
+    return pb.ContainerStatus(
+        id=c.id, metadata=c.config.metadata, state=STATE_TO_PB[c.state],
+        created_at=c.created_at, started_at=c.started_at, finished_at=c.finished_at,
+        exit_code=c.exit_code, image=c.config.image, image_ref=c.image_id,
+        reason=c.reason, message=c.message, labels=c.config.labels,
+        annotations=c.config.annotations, mounts=c.config.mounts, log_path=c.log_path,
+        image_id=c.image_id,
+        resources=pb.ContainerResources(linux=c.config.linux.resources),
+    )
+
+
 class ContainerRpcs:
     containers: ContainerManager
 
@@ -64,15 +76,7 @@ class ContainerRpcs:
         self, request: pb.ContainerStatusRequest, context: Context
     ) -> pb.ContainerStatusResponse:
         c = self.containers.get(request.container_id)
-        status = pb.ContainerStatus(
-            id=c.id, metadata=c.config.metadata, state=STATE_TO_PB[c.state],
-            created_at=c.created_at, started_at=c.started_at, finished_at=c.finished_at,
-            exit_code=c.exit_code, image=c.config.image, image_ref=c.image_id,
-            reason=c.reason, message=c.message, labels=c.config.labels,
-            annotations=c.config.annotations, mounts=c.config.mounts, log_path=c.log_path,
-            image_id=c.image_id,
-            resources=pb.ContainerResources(linux=c.config.linux.resources),
-        )
+        status = container_status(c)
         info = {}
         if request.verbose:
             info["info"] = json.dumps(self._verbose_info(c))

@@ -16,6 +16,7 @@ from cripy.network.readiness import Readiness, check_network
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.sandbox import SandboxManager
 from cripy.server.container import ContainerRpcs
+from cripy.server.events import EventRpcs
 from cripy.server.rpc import Context, rpc, unimplemented_stubs
 from cripy.server.sandbox import SandboxRpcs
 
@@ -47,12 +48,13 @@ def _condition(kind: str, readiness: Readiness) -> pb.RuntimeCondition:
     )
 
 
-class RuntimeServicer(SandboxRpcs, ContainerRpcs, _RuntimeStubs):
+class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, _RuntimeStubs):
     def __init__(self, config: Config, sandboxes: SandboxManager,
                  containers: ContainerManager) -> None:
         self.config = config
         self.sandboxes = sandboxes
         self.containers = containers
+        self.events = containers.events
 
     @rpc
     async def Version(

@@ -16,6 +16,25 @@ def sandbox_state(sandbox: Sandbox) -> pb.PodSandboxState:
     return pb.SANDBOX_READY if sandbox.state == READY else pb.SANDBOX_NOTREADY
 
 
+def pod_status(sandbox: Sandbox) -> pb.PodSandboxStatus:
+    config, ips = sandbox.config, sandbox.ips
+    return pb.PodSandboxStatus(
+        id=sandbox.id,
+        metadata=config.metadata,
+        state=sandbox_state(sandbox),
+        created_at=sandbox.created_at,
+        network=pb.PodSandboxNetworkStatus(
+            ip=ips[0] if ips else "", additional_ips=[pb.PodIP(ip=ip) for ip in ips[1:]]
+        ),
+        linux=pb.LinuxPodSandboxStatus(
+            namespaces=pb.Namespace(options=config.linux.security_context.namespace_options)
+        ),
+        labels=config.labels,
+        annotations=config.annotations,
+        runtime_handler=sandbox.runtime_handler,
+    )
+
+
 class SandboxRpcs:
     sandboxes: SandboxManager
 
@@ -46,22 +65,7 @@ class SandboxRpcs:
     ) -> pb.PodSandboxStatusResponse:
         sandbox = self.sandboxes.get(request.pod_sandbox_id)
         config = sandbox.config
-        ips = sandbox.ips
-        status = pb.PodSandboxStatus(
-            id=sandbox.id,
-            metadata=config.metadata,
-            state=sandbox_state(sandbox),
-            created_at=sandbox.created_at,
-            network=pb.PodSandboxNetworkStatus(
-                ip=ips[0] if ips else "", additional_ips=[pb.PodIP(ip=ip) for ip in ips[1:]]
-            ),
-            linux=pb.LinuxPodSandboxStatus(
-                namespaces=pb.Namespace(options=config.linux.security_context.namespace_options)
-            ),
-            labels=config.labels,
-            annotations=config.annotations,
-            runtime_handler=sandbox.runtime_handler,
-        )
+        status = pod_status(sandbox)
         info = {}
         if request.verbose:
             info["info"] = json.dumps({

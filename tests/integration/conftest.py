@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support.daemon import Daemon
 from tests.support.images import ImageSet, push_standard_images
+from tests.support.pods import Node, Pods, bridge_network, leftovers, remove_cgroup
 from tests.support.registry import Registry
 
 #: Credentials of ``auth_registry`` and ``token_registry``.
@@ -53,3 +56,25 @@ def images(registry: Registry) -> ImageSet:
     """The standard test images pushed once to ``registry``: busybox, multilayer,
     index, zstd, uncompressed, user, username, docker."""
     return push_standard_images(registry)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
+         images: Any) -> Iterator[Node]:
+    tmp = tmp_path_factory.mktemp("node")
+    daemon = Daemon(tmp / "daemon", insecure_registries=[registry.host])
+    with bridge_network(daemon.cni_dir, tmp, 1) as bridge, daemon:
+        daemon.pull(images.busybox.ref)
+        yield Node(daemon, bridge, images.busybox.ref, tmp)
+
+
+@pytest.fixture
+def pods(node: Node, tmp_path: Path) -> Iterator[Pods]:
+    tracker = Pods(node, tmp_path / "logs")
+    try:
+        yield tracker
+    finally:
+        tracker.cleanup()
+        leaks = leftovers(node.daemon, node.bridge, tracker.cgroup_parent)
+        remove_cgroup(tracker.cgroup_parent)
+        assert leaks == [], f"the test leaked: {leaks}"

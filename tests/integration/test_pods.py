@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,116 +14,10 @@ import grpc
 import pytest
 
 from cripy.api import api_pb2 as pb
-from tests.support.daemon import Daemon
-from tests.support.pods import (
-    bridge_network,
-    cgroup_dirs,
-    container_config,
-    leftovers,
-    pod_config,
-    remove_cgroup,
-)
-from tests.support.registry import Registry
+from tests.support.pods import Node, Pods, cgroup_dirs, container_config
 
 CRI_LOG_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) (P|F) (.*)$")
-
-
-@dataclass
-class Node:
-    daemon: Daemon
-    bridge: str
-    image: str
-    tmp: Path
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
-         images: Any) -> Iterator[Node]:
-    tmp = tmp_path_factory.mktemp("pods")
-    daemon = Daemon(tmp / "daemon", insecure_registries=[registry.host])
-    with bridge_network(daemon.cni_dir, tmp, 1) as bridge, daemon:
-        daemon.pull(images.busybox.ref)
-        yield Node(daemon, bridge, images.busybox.ref, tmp)
-
-
-@dataclass
-class Pods:
-    """Creates pods for one test and removes them (and their cgroups) afterwards."""
-
-    node: Node
-    log_dir: Path
-    cgroup_parent: str = field(default_factory=lambda: "/cripy-it-" + secrets.token_hex(4))
-    created: list[str] = field(default_factory=list)
-
-    @property
-    def runtime(self) -> Any:
-        return self.node.daemon.runtime
-
-    def run(self, name: str = "", **kwargs: Any) -> str:
-        config = pod_config(name or "pod-" + secrets.token_hex(3), self.log_dir,
-                            cgroup_parent=self.cgroup_parent, **kwargs)
-        pod_id: str = self.runtime.RunPodSandbox(
-            pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
-        self.created.append(pod_id)
-        return pod_id
-
-    def config(self, pod_id: str) -> pb.PodSandboxConfig:
-        info = self.runtime.PodSandboxStatus(
-            pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)).info["info"]
-        config = pb.PodSandboxConfig()
-        from google.protobuf.json_format import ParseDict
-
-        ParseDict(json.loads(info)["config"], config)
-        return config
-
-    def create(self, pod_id: str, name: str, command: list[str], *, start: bool = True,
-               **kwargs: Any) -> str:
-        config = container_config(name, self.node.image, command, **kwargs)
-        cid: str = self.runtime.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=pod_id, config=config, sandbox_config=self.config(pod_id)),
-            timeout=60).container_id
-        if start:
-            self.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-        return cid
-
-    def status(self, cid: str, verbose: bool = False) -> pb.ContainerStatusResponse:
-        response: pb.ContainerStatusResponse = self.runtime.ContainerStatus(
-            pb.ContainerStatusRequest(container_id=cid, verbose=verbose))
-        return response
-
-    def exec(self, cid: str, *cmd: str, timeout: int = 10) -> pb.ExecSyncResponse:
-        response: pb.ExecSyncResponse = self.runtime.ExecSync(
-            pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=timeout), timeout=60)
-        return response
-
-    def wait_exited(self, cid: str, within: float = 30) -> pb.ContainerStatus:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            status = self.status(cid).status
-            if status.state == pb.CONTAINER_EXITED:
-                return status
-            time.sleep(0.1)
-        raise AssertionError(f"container {cid} did not exit within {within}s")
-
-    def cleanup(self) -> None:
-        for pod_id in self.created:
-            self.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id),
-                                        timeout=60)
-            self.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id),
-                                          timeout=60)
-
-
-@pytest.fixture
-def pods(node: Node, tmp_path: Path) -> Iterator[Pods]:
-    tracker = Pods(node, tmp_path / "logs")
-    try:
-        yield tracker
-    finally:
-        tracker.cleanup()
-        leaks = leftovers(node.daemon, node.bridge, tracker.cgroup_parent)
-        remove_cgroup(tracker.cgroup_parent)
-        assert leaks == [], f"the test leaked: {leaks}"
 
 
 def rpc_error(call: Any, request: Any) -> grpc.RpcError:

@@ -6,9 +6,14 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import ParseDict
 
 from cripy.api import api_pb2 as pb
 from tests.support.daemon import Daemon
@@ -116,3 +121,76 @@ def leftovers(daemon: Daemon, bridge: str, cgroup_parent: str) -> list[str]:
     for path in cgroup_dirs(cgroup_parent):
         found += [f"cgroup {child}" for child in path.iterdir() if child.is_dir()]
     return found
+
+
+@dataclass
+class Node:
+    daemon: Daemon
+    bridge: str
+    image: str
+    tmp: Path
+
+
+@dataclass
+class Pods:
+    """Creates pods for one test and removes them (and their cgroups) afterwards."""
+
+    node: Node
+    log_dir: Path
+    cgroup_parent: str = field(default_factory=lambda: "/cripy-it-" + secrets.token_hex(4))
+    created: list[str] = field(default_factory=list)
+
+    @property
+    def runtime(self) -> Any:
+        return self.node.daemon.runtime
+
+    def run(self, name: str = "", **kwargs: Any) -> str:
+        config = pod_config(name or "pod-" + secrets.token_hex(3), self.log_dir,
+                            cgroup_parent=self.cgroup_parent, **kwargs)
+        pod_id: str = self.runtime.RunPodSandbox(
+            pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
+        self.created.append(pod_id)
+        return pod_id
+
+    def config(self, pod_id: str) -> pb.PodSandboxConfig:
+        info = self.runtime.PodSandboxStatus(
+            pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)).info["info"]
+        config = pb.PodSandboxConfig()
+        ParseDict(json.loads(info)["config"], config)
+        return config
+
+    def create(self, pod_id: str, name: str, command: list[str], *, start: bool = True,
+               **kwargs: Any) -> str:
+        config = container_config(name, self.node.image, command, **kwargs)
+        cid: str = self.runtime.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=config, sandbox_config=self.config(pod_id)),
+            timeout=60).container_id
+        if start:
+            self.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+        return cid
+
+    def status(self, cid: str, verbose: bool = False) -> pb.ContainerStatusResponse:
+        response: pb.ContainerStatusResponse = self.runtime.ContainerStatus(
+            pb.ContainerStatusRequest(container_id=cid, verbose=verbose))
+        return response
+
+    def exec(self, cid: str, *cmd: str, timeout: int = 10) -> pb.ExecSyncResponse:
+        response: pb.ExecSyncResponse = self.runtime.ExecSync(
+            pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=timeout), timeout=60)
+        return response
+
+    def wait_exited(self, cid: str, within: float = 30) -> pb.ContainerStatus:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            status = self.status(cid).status
+            if status.state == pb.CONTAINER_EXITED:
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"container {cid} did not exit within {within}s")
+
+    def cleanup(self) -> None:
+        for pod_id in self.created:
+            self.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id),
+                                        timeout=60)
+            self.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id),
+                                          timeout=60)
