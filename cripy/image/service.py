@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cripy.config import Config
+from cripy.crashpoints import crash_point
 from cripy.errors import IntegrityError, InvalidArgumentError
 from cripy.fsutil import remove_tree
 from cripy.image.layer import apply_layer
@@ -166,6 +167,7 @@ class ImageManager:
                 inodes=result.inodes,
             )
             await in_thread_to_completion(self.store.commit_layer, stage, record)
+            crash_point("pull-after-layer")
         finally:
             await in_thread_to_completion(_remove_if_present, stage)
 

@@ -51,6 +51,7 @@ from cripy.network.cni_result import (
     supports_prev_result_on_del,
     valid_container_id,
     valid_ifname,
+    with_pod_cidr,
 )
 from cripy.network.namespaces import is_pinned
 from cripy.network.readiness import CONFIG_SUFFIXES
@@ -129,6 +130,7 @@ class CNIManager:
         self._loaded: tuple[tuple[tuple[str, int, int], ...], NetworkConfigList | None] | None
         self._loaded = None
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.pod_cidr = ""  # from UpdateRuntimeConfig; overrides host-local ranges
 
     # --- configuration ------------------------------------------------------------------
 
@@ -176,6 +178,8 @@ class CNIManager:
         if conflist is None:
             raise FailedPreconditionError(
                 f"no valid CNI network configuration in {self.config_dir}")
+        if self.pod_cidr:
+            conflist = with_pod_cidr(conflist, self.pod_cidr)
         if not is_pinned(netns):
             raise FailedPreconditionError(f"network namespace {netns} does not exist")
         caps: dict[str, Any] = {}

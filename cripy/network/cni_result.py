@@ -382,3 +382,16 @@ def parse_error(stdout: bytes, stderr: bytes, exit_code: int | None = None) -> P
     if not text:
         text = f"exited with status {exit_code}" if exit_code is not None else "failed"
     return PluginError(None, text)
+
+
+def with_pod_cidr(conflist: NetworkConfigList, cidr: str) -> NetworkConfigList:
+    """The list with every host-local IPAM allocating from `cidr` (the node's pod CIDR,
+    from UpdateRuntimeConfig) instead of the ranges the file names."""
+    raw = json.loads(json.dumps(conflist.raw))
+    plugins = raw.get("plugins") if "plugins" in raw else [raw]
+    for plugin in plugins:
+        ipam = plugin.get("ipam") if isinstance(plugin, dict) else None
+        if isinstance(ipam, dict) and ipam.get("type") == "host-local":
+            ipam.pop("subnet", None)
+            ipam["ranges"] = [[{"subnet": cidr}]]
+    return config_list_from_dict(raw, conflist.source)

@@ -20,6 +20,7 @@ from typing import Any
 
 from cripy.api import api_pb2 as pb
 from cripy.config import Config
+from cripy.crashpoints import crash_point
 from cripy.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -222,6 +223,7 @@ class ContainerManager:
         lowers = [f"{store.layer_dir(d).name}/diff" for d in reversed(layers)]
         await mount_overlay(store.layers, lowers, record_dir / "upper", record_dir / "work",
                             rootfs)
+        crash_point("create-container-after-mount")
         image = store.get(container.image_id)
         if image is None:
             raise NotFoundError(f"image {container.image_id} was removed during the create")
@@ -235,7 +237,9 @@ class ContainerManager:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         c = container.config
         container.pid = await self.oci.create(
-            container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once)
+            container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
+            log_size_max=self.config.runtime.log_size_max)
+        crash_point("create-container-after-conmon")
 
     # --- StartContainer / StopContainer / RemoveContainer -------------------------------
 
@@ -246,6 +250,7 @@ class ContainerManager:
                 raise FailedPreconditionError(
                     f"container {container.id} is {container.state}, not created")
             await self.oci.start(container.id)
+            crash_point("start-container-after-start")
             container.state = RUNNING
             container.started_at = time.time_ns()
             await self._save(container)
@@ -356,8 +361,16 @@ class ContainerManager:
                 await self._destroy(container)
                 continue
             self.refresh(container)
-            if container.state in (CREATED, RUNNING) and \
-                    await self.oci.state(container.id) is None:
+            if container.state not in (CREATED, RUNNING):
+                continue
+            state = await self.oci.state(container.id)
+            if state is not None and state.get("status") == "running" and \
+                    container.state == CREATED:
+                # Started just before the crash, not yet recorded as such.
+                container.state = RUNNING
+                container.started_at = time.time_ns()
+                await self._save(container)
+            elif state is None:
                 container.state = EXITED
                 container.exit_code = 255
                 container.reason = "Error"

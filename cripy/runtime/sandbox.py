@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import ipaddress
+import json
 import logging
 import secrets
 import shutil
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from cripy.api import api_pb2 as pb
 from cripy.config import Config
+from cripy.crashpoints import crash_point
 from cripy.errors import (
     AlreadyExistsError,
     CripyError,
@@ -189,6 +192,7 @@ class SandboxManager:
                                           hostname if "uts" in kinds else None)
             sandbox.namespaces = {kind: str(path) for kind, path in pinned.items()}
             await self._save(sandbox)
+            crash_point("run-pod-after-namespaces")
         if options.ipc != pb.NODE:
             await mount_tmpfs(pod_dir / "shm", SHM_OPTIONS)
         if options.network != pb.NODE:
@@ -198,6 +202,7 @@ class SandboxManager:
                 pod_uid=config.metadata.uid, port_mappings=_port_mappings(config),
             )
             sandbox.ips = network.ips
+            crash_point("run-pod-after-network")
         write_pod_files(pod_dir, config, hostname, sandbox.ips[0] if sandbox.ips else None)
         if sandbox.shares_pid:
             sandbox.infra_pid = await self._start_infra(sandbox)
@@ -253,6 +258,7 @@ class SandboxManager:
         except NotFoundError:
             return  # the CRI: stopping what is gone succeeds
         await self.containers.stop_all_in(sandbox.id)
+        crash_point("stop-pod-after-containers")
         async with self.locks.hold(sandbox.id):
             await self._release(sandbox)
             if sandbox.state != NOTREADY:
@@ -303,10 +309,32 @@ class SandboxManager:
     async def _save(self, sandbox: Sandbox) -> None:
         await asyncio.to_thread(self.records.save, sandbox.id, sandbox.to_record())
 
+    # --- runtime configuration ----------------------------------------------------------
+
+    @property
+    def _runtime_config_path(self) -> Path:
+        return Path(self.config.root) / "runtime-config.json"
+
+    async def set_pod_cidr(self, cidr: str) -> None:
+        """Pods created from now on get addresses from `cidr` (kept across restarts)."""
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InvalidArgumentError(f"pod CIDR {cidr!r} is not a network") from None
+        self.cni.pod_cidr = str(network)
+        await asyncio.to_thread(atomic_write_json, self._runtime_config_path,
+                                {"pod_cidr": self.cni.pod_cidr})
+        log.info("pod CIDR set to %s", network)
+
     # --- start-up -----------------------------------------------------------------------
 
     async def recover(self) -> None:
         """Load the records; finish off pods a crash left half made."""
+        try:
+            saved = json.loads(self._runtime_config_path.read_text())
+            self.cni.pod_cidr = str(saved.get("pod_cidr", ""))
+        except (OSError, ValueError):
+            pass
         for sandbox_id, record in await asyncio.to_thread(lambda: list(self.records.load_all())):
             if record is None:
                 await asyncio.to_thread(remove_tree, self.records.object_dir(sandbox_id))

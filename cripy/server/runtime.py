@@ -84,3 +84,20 @@ class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, _RuntimeStubs):
         if request.verbose:
             info["config"] = json.dumps(dataclasses.asdict(self.config))
         return pb.StatusResponse(status=status, info=info)
+
+    @rpc
+    async def RuntimeConfig(
+        self, request: pb.RuntimeConfigRequest, context: Context
+    ) -> pb.RuntimeConfigResponse:
+        driver = (pb.SYSTEMD if self.config.runtime.cgroup_manager == "systemd"
+                  else pb.CGROUPFS)
+        return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+    @rpc
+    async def UpdateRuntimeConfig(
+        self, request: pb.UpdateRuntimeConfigRequest, context: Context
+    ) -> pb.UpdateRuntimeConfigResponse:
+        cidr = request.runtime_config.network_config.pod_cidr
+        if cidr:
+            await self.sandboxes.set_pod_cidr(cidr)
+        return pb.UpdateRuntimeConfigResponse()

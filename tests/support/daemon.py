@@ -51,11 +51,13 @@ class Daemon:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> Daemon:
+    def start(self, crash_at: str = "") -> Daemon:
+        """Start the daemon; `crash_at` names a crash point where it will kill itself."""
         log = self.log_path.open("ab")
+        env = {**os.environ, "CRIPY_CRASH_AT": crash_at}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cripy", "daemon", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env=env,
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
