@@ -80,8 +80,8 @@ def test_log_size_limit_keeps_lines_intact(
 
 
 def test_reopen_container_log_continues_in_a_new_file(pods: Pods) -> None:
-    cid = pods.create(pods.run("reopen"), "ticker",
-                      ["sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.05; done"])
+    loop = "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.05; done"
+    cid = pods.create(pods.run("reopen"), "ticker", ["sh", "-c", loop])
     log = Path(pods.status(cid).status.log_path)
     time.sleep(0.5)
     rotated = log.with_name(log.name + ".1")
