@@ -60,6 +60,9 @@ class RuntimeConfig:
     conmon_path: str = _doc("The container monitor binary.", default="conmon")
     cgroup_manager: str = _doc("How container cgroups are made: cgroupfs or systemd.",
                                default="cgroupfs")
+    seccomp_profile: str = _doc(
+        "A seccomp profile file (docker JSON format) used for RuntimeDefault; empty: the "
+        "built-in one.", default="")
     log_size_max: int = _doc(
         "Largest a container log file may grow (bytes) before it is rotated; -1: no limit.",
         default=-1,

@@ -10,16 +10,18 @@ import os
 import shutil
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from cripy.api import api_pb2_grpc
 from cripy.config import Config
-from cripy.errors import FailedPreconditionError
+from cripy.errors import CripyError, FailedPreconditionError
 from cripy.image.registry import RegistryClient
 from cripy.image.service import ImageManager
 from cripy.image.store import ImageStore
+from cripy.logs import set_level
 from cripy.network.cni import CNIManager
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
@@ -34,16 +36,11 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the kubelet's own limit
 SHUTDOWN_GRACE_SECONDS = 5
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config,
+                 reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reload_config = reload_config
         self.root = Path(config.root)
         self.runroot = Path(config.runroot)
         self.socket_path = config.socket_path
@@ -79,6 +76,7 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
             log.info("cripy serving on unix://%s (root %s, runroot %s)",
                      self.socket_path, self.root, self.runroot)
             await self._stop.wait()
@@ -94,6 +92,34 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and apply what can change without a restart.
+
+        The components share this Config object, so updating it in place reaches them.
+        A bad file is logged and changes nothing.
+        """
+        if self.reload_config is None:
+            return
+        try:
+            new = self.reload_config()
+        except CripyError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        current = self.config
+        current.log_level = new.log_level
+        set_level(new.log_level)
+        current.registries = new.registries
+        current.runtime.seccomp_profile = new.runtime.seccomp_profile
+        current.network.cni_config_dir = new.network.cni_config_dir
+        self.sandboxes.cni.config_dir = new.network.cni_config_dir
+        untouched = [name for name in ("root", "runroot", "listen")
+                     if getattr(new, name) != getattr(current, name)]
+        if untouched:
+            log.warning("reload: %s change only on restart", ", ".join(untouched))
+        log.info("configuration reloaded", extra={"log_level": new.log_level,
+                                                  "cni_config_dir": new.network.cni_config_dir,
+                                                  "registries": sorted(new.registries)})
 
     def _take_lock(self) -> int:
         """One daemon per root: a second one would corrupt the first one's state."""
@@ -144,5 +170,5 @@ def _remove_stale_socket(path: Path) -> None:
     raise FailedPreconditionError(f"something is already listening on {path}")
 
 
-async def serve(config: Config) -> None:
-    await Daemon(config).run()
+async def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+    await Daemon(config, reload_config).run()

@@ -22,11 +22,12 @@ def _daemon_config(args: argparse.Namespace) -> Config:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    from cripy.daemon import serve, setup_logging
+    from cripy.daemon import serve
+    from cripy.logs import setup_logging
 
     config = _daemon_config(args)
-    setup_logging(config.log_level)
-    asyncio.run(serve(config))
+    setup_logging(config.log_level, config.monitoring.log_format)
+    asyncio.run(serve(config, lambda: _daemon_config(args)))
     return 0
 
 

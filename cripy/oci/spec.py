@@ -179,6 +179,7 @@ class SpecContext:
     shm_path: str | None = None  # the pod's /dev/shm; None binds the host's (host IPC)
     oom_score_adj_min: int = -1000  # lowest value this daemon can set
     cgroup_v2: bool = False
+    default_seccomp_profile: str = ""  # a profile file for RuntimeDefault; "": built in
 
 
 # --- small validators ------------------------------------------------------------------
@@ -830,19 +831,26 @@ def _paths(values: Sequence[str], defaults: Sequence[str], what: str) -> list[st
 
 
 def build_seccomp(
-    sc: pb.LinuxContainerSecurityContext, bounding: Sequence[str]
+    sc: pb.LinuxContainerSecurityContext, bounding: Sequence[str], default_path: str = ""
 ) -> dict[str, Any] | None:
     """The OCI seccomp section, or None for unconfined.
 
     Unset means Unconfined, as the CRI says (kubelet sends RuntimeDefault when wanted).
+    RuntimeDefault is the profile at `default_path` when the node configures one.
     """
+
+    def runtime_default() -> dict[str, Any]:
+        if default_path:
+            return seccomp.load_localhost_profile(default_path)
+        return seccomp.default_profile()
+
     profile: dict[str, Any]
     if sc.HasField("seccomp"):
         kind = sc.seccomp.profile_type
         if kind == pb.SecurityProfile.Unconfined:
             return None
         if kind == pb.SecurityProfile.RuntimeDefault:
-            profile = seccomp.default_profile()
+            profile = runtime_default()
         elif kind == pb.SecurityProfile.Localhost:
             profile = seccomp.load_localhost_profile(sc.seccomp.localhost_ref)
         else:
@@ -852,7 +860,7 @@ def build_seccomp(
         if legacy == "unconfined":
             return None
         if legacy in ("runtime/default", "docker/default"):
-            profile = seccomp.default_profile()
+            profile = runtime_default()
         elif legacy.startswith("localhost/"):
             profile = seccomp.load_localhost_profile(legacy.removeprefix("localhost/"))
         else:
@@ -928,7 +936,7 @@ def build_container_spec(
     if not privileged:
         linux["maskedPaths"] = _paths(sc.masked_paths, DEFAULT_MASKED_PATHS, "masked path")
         linux["readonlyPaths"] = _paths(sc.readonly_paths, DEFAULT_READONLY_PATHS, "readonly path")
-        profile = build_seccomp(sc, caps["bounding"])
+        profile = build_seccomp(sc, caps["bounding"], ctx.default_seccomp_profile)
         if profile is not None:
             linux["seccomp"] = profile
 

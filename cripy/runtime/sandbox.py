@@ -247,6 +247,7 @@ class SandboxManager:
             shm_path=str(pod_dir / "shm") if sandbox.options.ipc != pb.NODE else None,
             oom_score_adj_min=_own_oom_score_adj(),
             cgroup_v2=host_cgroup_v2(),
+            default_seccomp_profile=self.config.runtime.seccomp_profile,
         )
 
     # --- StopPodSandbox / RemovePodSandbox ----------------------------------------------

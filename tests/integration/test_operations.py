@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,40 @@ def test_reopen_container_log_continues_in_a_new_file(pods: Pods) -> None:
     assert all(CRI_LOG_LINE.match(line) for line in old + new)
     numbers = [int(line.rsplit("-", 1)[1]) for line in old + new]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
+def test_sighup_reloads_settings_without_touching_containers(pods: Pods,
+                                                             tmp_path: Path) -> None:
+    daemon = pods.node.daemon
+    cid = pods.create(pods.run("reload"), "steady", ["sleep", "300"])
+    original = daemon.config_path.read_text()
+    new_cni = tmp_path / "cni"
+    new_cni.mkdir()
+    try:
+        daemon.config_path.write_text(original.replace(
+            f'cni_config_dir = "{daemon.cni_dir}"', f'cni_config_dir = "{new_cni}"'))
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "configuration reloaded" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        network = {c.type: c for c in daemon.runtime.Status(
+            pb.StatusRequest()).status.conditions}["NetworkReady"]
+        assert not network.status and str(new_cni) in network.message
+        assert pods.status(cid).status.state == pb.CONTAINER_RUNNING
+
+        daemon.config_path.write_text("log_level = 5\n")  # a broken file changes nothing
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reload failed" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "reload failed" in daemon.log()
+    finally:
+        daemon.config_path.write_text(original)
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {c.type: c for c in daemon.runtime.Status(
+                pb.StatusRequest()).status.conditions}["NetworkReady"].status:
+            time.sleep(0.1)
+    assert pods.exec(cid, "true").exit_code == 0
