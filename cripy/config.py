@@ -51,6 +51,10 @@ class ImageConfig:
         "decompression bombs.",
         default=32 * 1024**3,
     )
+    allow_device_nodes: bool = _doc(
+        "Whether image layers may create device nodes (refused with a clear error if not).",
+        default=True,
+    )
 
 
 @dataclass
@@ -100,6 +104,8 @@ class NetworkConfig:
         "Directories searched for CNI plugin binaries.",
         default_factory=lambda: ["/usr/lib/cni", "/opt/cni/bin"],
     )
+    plugin_timeout: float = _doc("Seconds a CNI plugin may run before it is killed.",
+                                 default=60.0)
 
 
 @dataclass
@@ -155,6 +161,11 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from exc
+    return from_dict(data)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from parsed TOML (unknown keys and wrong types are errors)."""
     return validate(_build(Config, data, ""))
 
 

@@ -52,7 +52,8 @@ class Daemon:
                          or config.runtime.conmon_path,
                          state_dir=self.runroot / "oci", log_level=config.log_level)
         cni = CNIManager(config.network.cni_config_dir, config.network.cni_plugin_dirs,
-                         cache_dir=self.root / "cni-cache")
+                         cache_dir=self.root / "cni-cache",
+                         timeout=config.network.plugin_timeout)
         self.events = EventBus()
         self.sandboxes = SandboxManager(config, oci, cni, self.events)
         self.containers = ContainerManager(config, oci, self.images, self.sandboxes,

@@ -125,7 +125,7 @@ class ImageManager:
             await asyncio.to_thread(self.store.collect_garbage, keep)
 
     async def _fetch_small_blob(self, resolved: Resolved, desc: Descriptor) -> bytes:
-        stage = await asyncio.to_thread(self.store.staging_dir)
+        stage = self.store.staging_dir()  # one mkdir: not worth a thread, and no window to leak it
         try:
             await self.client.fetch_blob(resolved, desc, stage / "blob")
             return await asyncio.to_thread((stage / "blob").read_bytes)
@@ -141,7 +141,7 @@ class ImageManager:
         return self.store.layer_record(diff_id).size
 
     async def _unpack_layer(self, resolved: Resolved, desc: Descriptor, diff_id: str) -> None:
-        stage = await asyncio.to_thread(self.store.staging_dir)
+        stage = self.store.staging_dir()  # one mkdir: not worth a thread, and no window to leak it
         try:
             blob = stage / "blob"
             await self.client.fetch_blob(resolved, desc, blob, self._progress(str(resolved)))
@@ -152,6 +152,7 @@ class ImageManager:
                 desc.media_type,
                 stage / "diff",
                 max_bytes=self.config.image.max_layer_bytes,
+                allow_devices=self.config.image.allow_device_nodes,
             )
             if result.diff_id != diff_id:
                 raise IntegrityError(

@@ -26,6 +26,7 @@ from cripy.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
 from cripy.image.service import ImageManager
@@ -103,9 +104,9 @@ class ContainerManager:
             matches = [c for i, c in self.containers.items() if i.startswith(container_id)]
             if len(matches) > 1:
                 raise InvalidArgumentError(f"container ID prefix {container_id!r} is ambiguous")
-            if not matches or matches[0].state == CREATING:
-                raise NotFoundError(f"container {container_id!r} not found")
-            found = matches[0]
+            found = matches[0] if matches else None
+        if found is None or found.state == CREATING:
+            raise NotFoundError(f"container {container_id!r} not found")
         self.refresh(found)
         return found
 
@@ -296,8 +297,13 @@ class ContainerManager:
         await asyncio.gather(*(self.remove(c.id) for c in self.in_sandbox(sandbox_id)))
 
     async def _destroy(self, container: Container) -> None:
-        await self.oci.stop(container.id, 0)
-        await self.oci.delete(container.id)
+        try:
+            await self.oci.stop(container.id, 0)
+            await self.oci.delete(container.id)
+        except UnavailableError as exc:
+            # runc cannot even be run (missing binary): it cannot have made anything.
+            log.warning("container %s: runtime unavailable during cleanup: %s",
+                        container.id[:12], exc)
         bundle = self.run_dir / container.id
         await unmount(bundle / "rootfs")
         await asyncio.to_thread(remove_tree, bundle)

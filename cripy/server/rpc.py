@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import time
@@ -36,6 +37,12 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
             raise  # unreachable: abort raises
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
+                raise
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # A full disk is the node's condition, not a bug: say so plainly.
+                log.error("%s failed: out of disk space: %s", name, exc)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{name}: no space left on device: {exc}")
                 raise
             log.exception("%s failed unexpectedly", name)
             await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {exc}")

@@ -76,9 +76,9 @@ def test_unbuilt_rpcs_answer_unimplemented_with_their_name(daemon: Daemon) -> No
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "CheckpointContainer" in (info.value.details() or "")
     with pytest.raises(grpc.RpcError) as info:
-        list(daemon.runtime.GetContainerEvents(pb.GetEventsRequest()))
+        list(daemon.runtime.StreamPodSandboxes(pb.StreamPodSandboxesRequest(), timeout=10))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "GetContainerEvents" in (info.value.details() or "")
+    assert "StreamPodSandboxes" in (info.value.details() or "")
 
 
 def test_sigterm_shuts_down_cleanly_and_removes_the_socket(tmp_path: Path) -> None:

@@ -7,15 +7,27 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from cripy.api import api_pb2 as pb
 from cripy.api import api_pb2_grpc
+from cripy.config import from_dict, render
 
 START_TIMEOUT = 30.0
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Deep-merge `extra` (parsed TOML) into `into`."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 class Daemon:
@@ -30,22 +42,18 @@ class Daemon:
         self.cni_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "daemon.log"
         self.config_path = workdir / "cripy.toml"
-        lines = [
-            f'root = "{self.root}"',
-            f'runroot = "{self.runroot}"',
-            f'listen = "{self.endpoint}"',
-            'log_level = "debug"',
-            extra_config,
-            "[network]",
-            f'cni_config_dir = "{self.cni_dir}"',
-            "[streaming]",
-            "port = 0",
-            "[monitoring]",
-            f'status_socket = "{self.runroot / "status.sock"}"',
-        ]
-        for host in insecure_registries or []:
-            lines += [f'[registries."{host}"]', "insecure = true"]
-        self.config_path.write_text("\n".join(lines) + "\n")
+        settings: dict[str, Any] = {
+            "root": str(self.root),
+            "runroot": str(self.runroot),
+            "listen": self.endpoint,
+            "log_level": "debug",
+            "network": {"cni_config_dir": str(self.cni_dir)},
+            "streaming": {"port": 0},
+            "monitoring": {"status_socket": str(self.runroot / "status.sock")},
+            "registries": {host: {"insecure": True} for host in insecure_registries or []},
+        }
+        _merge(settings, tomllib.loads(extra_config))
+        self.config_path.write_text(render(from_dict(settings)))
         self.process: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None
 
