@@ -23,7 +23,7 @@ class Result:
     run_pod: list[float]
     create_start: list[float]
     cycle: list[float]
-    conmon_rss: float  # bytes per container
+    monitor_rss: float  # bytes per container: conmon, or containerd's shim shared
     process_rss: float
     daemon_rss: float | None
 
@@ -46,18 +46,22 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def conmon_pids_for(container_ids: list[str]) -> list[int]:
+MONITORS = ("conmon", "containerd-shim")  # comm is cut at 15 characters
+
+
+def monitor_pids_for(object_ids: list[str]) -> list[int]:
+    """Container monitors (cripy's conmons, containerd's shims) serving these IDs."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() != "conmon":
+            if Path(f"/proc/{pid}/comm").read_text().strip() not in MONITORS:
                 continue
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if any(cid in cmdline for cid in container_ids):
+        if any(object_id in cmdline for object_id in object_ids):
             found.append(int(pid))
     return found
 
@@ -106,8 +110,8 @@ def measure(endpoint: str, image: str, log_dir: Path, runs: int, containers: int
         pod_id, config = run_pod("memory")
         ids = [create_start(pod_id, config, f"c{i}") for i in range(containers)]
         time.sleep(1)
-        conmons = conmon_pids_for(ids)
-        conmon_rss = sum(rss_bytes(p) for p in conmons) / max(1, len(conmons))
+        monitors = monitor_pids_for([*ids, pod_id])
+        monitor_rss = sum(rss_bytes(p) for p in monitors) / containers
         process_rss = 0.0
         for cid in ids:
             status = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid,
@@ -116,7 +120,7 @@ def measure(endpoint: str, image: str, log_dir: Path, runs: int, containers: int
             process_rss += rss_bytes(pid) if pid else 0
         daemon_rss = ((rss_bytes(daemon_pid) - before) / containers) if daemon_pid else None
         remove_pod(pod_id)
-    return Result(run_pod_times, create_times, cycle_times, conmon_rss,
+    return Result(run_pod_times, create_times, cycle_times, monitor_rss,
                   process_rss / containers, daemon_rss)
 
 
@@ -137,7 +141,7 @@ def print_report(results: dict[str, Result], runs: int, containers: int) -> None
             print(f"  {label:26s} p50 {statistics.median(values) * 1000:7.1f} ms   "
                   f"p95 {percentile(values, 0.95) * 1000:7.1f} ms")
         daemon = f"{r.daemon_rss / mib:.2f} MiB" if r.daemon_rss is not None else "n/a"
-        print(f"  per container: conmon {r.conmon_rss / mib:.2f} MiB, process "
+        print(f"  per container: monitor {r.monitor_rss / mib:.2f} MiB, process "
               f"{r.process_rss / mib:.2f} MiB, daemon growth {daemon}")
     if "baseline" in results:
         c, b = results["cripy"], results["baseline"]
