@@ -22,6 +22,7 @@ from cripy.image.registry import RegistryClient
 from cripy.image.service import ImageManager
 from cripy.image.store import ImageStore
 from cripy.logs import set_level
+from cripy.metrics import MetricsServer
 from cripy.network.cni import CNIManager
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
@@ -29,6 +30,7 @@ from cripy.runtime.events import EventBus
 from cripy.runtime.sandbox import SandboxManager
 from cripy.server.image import ImageServicer
 from cripy.server.runtime import RuntimeServicer
+from cripy.statusapi import StatusServer
 
 log = logging.getLogger("cripy.daemon")
 
@@ -55,6 +57,7 @@ class Daemon:
                          cache_dir=self.root / "cni-cache",
                          timeout=config.network.plugin_timeout)
         self.events = EventBus()
+        self.oci = oci
         self.sandboxes = SandboxManager(config, oci, cni, self.events)
         self.containers = ContainerManager(config, oci, self.images, self.sandboxes,
                                            self.events)
@@ -67,6 +70,8 @@ class Daemon:
         self.runroot.mkdir(parents=True, exist_ok=True, mode=0o711)
         lock_fd = self._take_lock()
         server = None
+        status_api: StatusServer | None = None
+        metrics: MetricsServer | None = None
         try:
             await self.images.start()
             await self.sandboxes.recover()
@@ -74,6 +79,19 @@ class Daemon:
             await self.images.collect_garbage()
             server = await self._start_server()
             watcher = asyncio.create_task(self.containers.watch_exits())
+            monitoring = self.config.monitoring
+            status_api = StatusServer(Path(monitoring.status_socket), self.config,
+                                      self.containers, self.sandboxes, self.oci)
+            await status_api.start()
+            if monitoring.metrics_port:
+                metrics = MetricsServer(monitoring.metrics_address, monitoring.metrics_port,
+                                        self.containers, self.sandboxes)
+                try:
+                    await metrics.start()
+                except OSError as exc:
+                    raise FailedPreconditionError(
+                        f"cannot serve metrics on {monitoring.metrics_address}:"
+                        f"{monitoring.metrics_port}: {exc.strerror}") from None
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
@@ -86,6 +104,10 @@ class Daemon:
             if server is not None:
                 watcher.cancel()
                 await server.stop(SHUTDOWN_GRACE_SECONDS)
+            if metrics is not None:
+                await metrics.stop()
+            if status_api is not None:
+                await status_api.stop()
             await self.images.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()

@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from cripy import __version__
-from cripy.cli import ctl
+from cripy.cli import ctl, status
 from cripy.config import Config, ConfigError, load, render, validate
 from cripy.errors import CripyError
 
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=print_config)
 
     ctl.add_parser(commands)
+    status.add_parser(commands)
     return parser
 
 

@@ -27,6 +27,7 @@ from cripy.image.manifest import Descriptor
 from cripy.image.reference import Reference, parse_reference
 from cripy.image.registry import Credentials, RegistryClient, Resolved
 from cripy.image.store import ImageRecord, ImageStore, LayerRecord, digest_hex
+from cripy.metrics import record_pull
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class ImageManager:
         resolved = await self.client.resolve(ref, creds)
         config_bytes = await self._fetch_small_blob(resolved, resolved.manifest.config)
         diff_ids = _diff_ids(config_bytes, len(resolved.manifest.layers), ref)
+        to_fetch = sum(desc.size for desc, diff_id in zip(resolved.manifest.layers, diff_ids,
+                                                          strict=True)
+                       if not self.store.has_layer(diff_id))
 
         self._in_flight.update(diff_ids)
         try:
@@ -82,7 +86,9 @@ class ImageManager:
         finally:
             self._in_flight.subtract(diff_ids)
             self._in_flight += Counter()  # drop zero counts
-        log.info("pulled %s as %s in %.2fs", ref, record.id, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        record_pull(to_fetch + len(config_bytes), seconds)
+        log.info("pulled %s as %s in %.2fs", ref, record.id, seconds)
         return record
 
     async def _store_image(
@@ -125,7 +131,7 @@ class ImageManager:
             await asyncio.to_thread(self.store.collect_garbage, keep)
 
     async def _fetch_small_blob(self, resolved: Resolved, desc: Descriptor) -> bytes:
-        stage = self.store.staging_dir()  # one mkdir: not worth a thread, and no window to leak it
+        stage = self.store.staging_dir()  # one mkdir: no thread, so no window to leak it
         try:
             await self.client.fetch_blob(resolved, desc, stage / "blob")
             return await asyncio.to_thread((stage / "blob").read_bytes)
@@ -141,7 +147,7 @@ class ImageManager:
         return self.store.layer_record(diff_id).size
 
     async def _unpack_layer(self, resolved: Resolved, desc: Descriptor, diff_id: str) -> None:
-        stage = self.store.staging_dir()  # one mkdir: not worth a thread, and no window to leak it
+        stage = self.store.staging_dir()  # one mkdir: no thread, so no window to leak it
         try:
             blob = stage / "blob"
             await self.client.fetch_blob(resolved, desc, blob, self._progress(str(resolved)))

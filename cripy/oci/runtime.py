@@ -319,6 +319,20 @@ class OciRuntime:
         if rc != 0:
             raise _runc_error(f"runc update {cid}", err)
 
+    async def pause(self, container_id: str) -> None:
+        """Freeze every process of the container (`runc pause`)."""
+        cid = _check_id(container_id)
+        rc, _, err = await self._runc("pause", cid)
+        if rc != 0:
+            raise _runc_error(f"runc pause {cid}", err)
+
+    async def resume(self, container_id: str) -> None:
+        """Thaw a paused container (`runc resume`)."""
+        cid = _check_id(container_id)
+        rc, _, err = await self._runc("resume", cid)
+        if rc != 0:
+            raise _runc_error(f"runc resume {cid}", err)
+
     async def exec_sync(
         self,
         container_id: str,

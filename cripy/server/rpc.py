@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import logging
@@ -13,6 +14,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from cripy.errors import CripyError
+from cripy.metrics import record_rpc
 
 log = logging.getLogger("cripy.rpc")
 
@@ -29,9 +31,12 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: Context) -> Resp:
         started = time.monotonic()
+        code: str | None = "UNKNOWN"
         try:
             response = await handler(self, request, context)
+            code = None
         except CripyError as exc:
+            code = exc.code
             log.info("%s failed: %s: %s", name, exc.code, exc)
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
             raise  # unreachable: abort raises
@@ -40,13 +45,20 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
                 raise
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 # A full disk is the node's condition, not a bug: say so plainly.
+                code = "RESOURCE_EXHAUSTED"
                 log.error("%s failed: out of disk space: %s", name, exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"{name}: no space left on device: {exc}")
                 raise
+            code = "INTERNAL"
             log.exception("%s failed unexpectedly", name)
             await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {exc}")
             raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            record_rpc(name, time.monotonic() - started, code)
         log.debug("%s ok in %.1f ms", name, (time.monotonic() - started) * 1000)
         return response
 

@@ -1,0 +1,172 @@
+"""Prometheus metrics: CRI operation counts, errors and latencies, image pulls, and the
+number of containers and pods by state (counted at scrape time).
+
+Everything lives in this module's own registry (`REGISTRY`), served on
+monitoring.metrics_address:metrics_port by `MetricsServer` when the port is not 0.
+`record_rpc` and `record_pull` never raise: they sit on the RPC path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter as Tally
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from cripy.statusapi import HTTPConnections, Request, Response, error_response
+
+if TYPE_CHECKING:
+    from cripy.runtime.container import ContainerManager
+    from cripy.runtime.sandbox import SandboxManager
+
+log = logging.getLogger(__name__)
+
+# Record states of cripy.runtime (not imported: it imports what may import us); every
+# one is exported, zero or not, so the series never disappear.
+CONTAINER_STATES = ("creating", "created", "running", "exited")
+POD_STATES = ("creating", "ready", "notready")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0, 120.0, 300.0)
+_PULL_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+OPERATIONS = Counter("cripy_operations", "CRI operations handled, by RPC name.",
+                     ["operation"], registry=REGISTRY)
+OPERATION_ERRORS = Counter("cripy_operations_errors",
+                           "CRI operations that failed, by RPC name and gRPC status code.",
+                           ["operation", "code"], registry=REGISTRY)
+OPERATION_LATENCY = Histogram("cripy_operations_latency_seconds",
+                              "Time taken by CRI operations, by RPC name.", ["operation"],
+                              buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+PULL_BYTES = Counter("cripy_image_pulls_bytes", "Bytes downloaded by image pulls.",
+                     registry=REGISTRY)
+PULL_DURATION = Histogram("cripy_image_pull_duration_seconds", "Time taken by image pulls.",
+                          buckets=_PULL_BUCKETS, registry=REGISTRY)
+
+
+def record_rpc(name: str, seconds: float, code: str | None) -> None:
+    """One CRI call `name` took `seconds`; `code` is the gRPC status name of its error,
+    None when it succeeded."""
+    try:
+        OPERATIONS.labels(name).inc()
+        OPERATION_LATENCY.labels(name).observe(max(seconds, 0.0))
+        if code is not None:
+            OPERATION_ERRORS.labels(name, code).inc()
+    except Exception:  # metrics must never fail an RPC
+        log.exception("recording metrics of %s failed", name)
+
+
+def record_pull(bytes_: int, seconds: float) -> None:
+    """An image pull downloaded `bytes_` bytes in `seconds`."""
+    try:
+        PULL_BYTES.inc(max(bytes_, 0))
+        PULL_DURATION.observe(max(seconds, 0.0))
+    except Exception:
+        log.exception("recording image pull metrics failed")
+
+
+class StateCollector:
+    """cripy_containers{state} and cripy_pods{state}, counted from the managers when
+    scraped (no runc calls: the exit watcher keeps the states current)."""
+
+    def __init__(self, containers: ContainerManager, sandboxes: SandboxManager) -> None:
+        self.containers = containers
+        self.sandboxes = sandboxes
+
+    def describe(self) -> Iterable[Metric]:
+        return [_containers_family(), _pods_family()]
+
+    def collect(self) -> Iterable[Metric]:
+        containers = _containers_family()
+        _add_counts(containers, CONTAINER_STATES,
+                    (c.state for c in list(self.containers.containers.values())))
+        pods = _pods_family()
+        _add_counts(pods, POD_STATES, (s.state for s in list(self.sandboxes.sandboxes.values())))
+        return [containers, pods]
+
+
+def _containers_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily("cripy_containers", "Containers, by state.", labels=["state"])
+
+
+def _pods_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily("cripy_pods", "Pod sandboxes, by state.", labels=["state"])
+
+
+def _add_counts(family: GaugeMetricFamily, known: tuple[str, ...],
+                states: Iterable[str]) -> None:
+    tally = Tally(states)
+    for state in [*known, *sorted(set(tally) - set(known))]:
+        family.add_metric([state], tally[state])
+
+
+class MetricsServer:
+    """GET /metrics over HTTP on address:port (port 0: any free one, see `port`)."""
+
+    def __init__(self, address: str, port: int, containers: ContainerManager | None = None,
+                 sandboxes: SandboxManager | None = None,
+                 registry: CollectorRegistry = REGISTRY) -> None:
+        self.address = address
+        self.requested_port = port
+        self.registry = registry
+        self._collector = (StateCollector(containers, sandboxes)
+                           if containers is not None and sandboxes is not None else None)
+        self._clients = HTTPConnections(self.handle)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The port really bound (after start)."""
+        if self._server is None or not self._server.sockets:
+            return self.requested_port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        if self._collector is not None:
+            self.registry.register(self._collector)
+        try:
+            self._server = await asyncio.start_server(self._clients, self.address,
+                                                      self.requested_port)
+        except BaseException:
+            self._unregister()
+            raise
+        log.info("metrics on http://%s:%d/metrics", self.address, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._clients.close()
+            await self._server.wait_closed()
+            self._server = None
+        self._unregister()
+
+    def _unregister(self) -> None:
+        if self._collector is not None:
+            with contextlib.suppress(KeyError):
+                self.registry.unregister(self._collector)
+
+    async def handle(self, request: Request) -> Response:
+        if request.path != "/metrics":
+            return error_response(404, f"no such endpoint: {request.path} (try /metrics)")
+        if request.method not in ("GET", "HEAD"):
+            response = error_response(405, f"{request.method} is not allowed on /metrics")
+            response.headers.append(("Allow", "GET, HEAD"))
+            return response
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(200, encoder(self.registry), content_type)
