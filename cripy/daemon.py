@@ -30,6 +30,7 @@ from cripy.runtime.events import EventBus
 from cripy.runtime.sandbox import SandboxManager
 from cripy.server.image import ImageServicer
 from cripy.server.runtime import RuntimeServicer
+from cripy.server.stats import container_filesystems
 from cripy.statusapi import StatusServer
 
 log = logging.getLogger("cripy.daemon")
@@ -167,7 +168,8 @@ class Daemon:
         )
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(
             RuntimeServicer(self.config, self.sandboxes, self.containers), server)
-        api_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), server)
+        api_pb2_grpc.add_ImageServiceServicer_to_server(
+            ImageServicer(self.images, lambda: container_filesystems(self.containers)), server)
         # Created with the right mode from the start: no moment where others may connect.
         old_umask = os.umask(0o117)
         try:

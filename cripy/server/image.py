@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 
 from cripy.api import api_pb2 as pb
 from cripy.api import api_pb2_grpc
@@ -12,10 +13,14 @@ from cripy.image.service import ImageManager
 from cripy.image.store import ImageRecord
 from cripy.server.rpc import Context, rpc
 
+ContainerUsage = Callable[[], Awaitable[list[pb.FilesystemUsage]]]
+
 
 class ImageServicer(api_pb2_grpc.ImageServiceServicer):
-    def __init__(self, images: ImageManager) -> None:
+    def __init__(self, images: ImageManager,
+                 container_usage: ContainerUsage | None = None) -> None:
         self.images = images
+        self.container_usage = container_usage  # the containers' writable layers
 
     @rpc
     async def PullImage(
@@ -76,7 +81,9 @@ class ImageServicer(api_pb2_grpc.ImageServiceServicer):
             used_bytes=pb.UInt64Value(value=used_bytes),
             inodes_used=pb.UInt64Value(value=inodes),
         )
-        return pb.ImageFsInfoResponse(image_filesystems=[usage])
+        containers = await self.container_usage() if self.container_usage else []
+        return pb.ImageFsInfoResponse(image_filesystems=[usage],
+                                      container_filesystems=containers)
 
     def _image(self, record: ImageRecord) -> pb.Image:
         user = self.images.image_user(record)

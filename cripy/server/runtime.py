@@ -19,6 +19,7 @@ from cripy.server.container import ContainerRpcs
 from cripy.server.events import EventRpcs
 from cripy.server.rpc import Context, rpc, unimplemented_stubs
 from cripy.server.sandbox import SandboxRpcs
+from cripy.server.stats import StatsRpcs
 
 RUNTIME_NAME = "cripy"
 RUNTIME_API_VERSION = "v1"
@@ -48,7 +49,7 @@ def _condition(kind: str, readiness: Readiness) -> pb.RuntimeCondition:
     )
 
 
-class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, _RuntimeStubs):
+class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, _RuntimeStubs):
     def __init__(self, config: Config, sandboxes: SandboxManager,
                  containers: ContainerManager) -> None:
         self.config = config

@@ -131,3 +131,15 @@ def test_sighup_reloads_settings_without_touching_containers(pods: Pods,
                 pb.StatusRequest()).status.conditions}["NetworkReady"].status:
             time.sleep(0.1)
     assert pods.exec(cid, "true").exit_code == 0
+
+
+def test_image_fs_info_counts_container_layers(pods: Pods) -> None:
+    cid = pods.create(pods.run("layers"), "writer", ["sleep", "300"])
+    before = pods.node.daemon.images.ImageFsInfo(pb.ImageFsInfoRequest())
+    assert pods.exec(cid, "dd", "if=/dev/zero", "of=/tmp/blob", "bs=1M", "count=2").exit_code == 0
+    time.sleep(2.5)  # layer usage is cached for two seconds
+    after = pods.node.daemon.images.ImageFsInfo(pb.ImageFsInfoRequest())
+    (fs,) = after.container_filesystems
+    assert fs.fs_id.mountpoint == str(pods.node.daemon.root / "containers")
+    grown = fs.used_bytes.value - sum(f.used_bytes.value for f in before.container_filesystems)
+    assert grown >= 2 * 1024 * 1024
