@@ -32,6 +32,8 @@ from cripy.server.image import ImageServicer
 from cripy.server.runtime import RuntimeServicer
 from cripy.server.stats import container_filesystems
 from cripy.statusapi import StatusServer
+from cripy.streaming.backend import RuntimeStreamBackend
+from cripy.streaming.server import StreamingServer
 
 log = logging.getLogger("cripy.daemon")
 
@@ -64,6 +66,8 @@ class Daemon:
                                            self.events)
         self.sandboxes.containers = self.containers
         self.images.layers_in_use = self.containers.layers_in_use
+        self.streaming = StreamingServer(
+            config.streaming, RuntimeStreamBackend(self.containers, self.sandboxes, oci))
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -78,6 +82,7 @@ class Daemon:
             await self.sandboxes.recover()
             await self.containers.recover()
             await self.images.collect_garbage()
+            await self.streaming.start()
             server = await self._start_server()
             watcher = asyncio.create_task(self.containers.watch_exits())
             monitoring = self.config.monitoring
@@ -105,6 +110,7 @@ class Daemon:
             if server is not None:
                 watcher.cancel()
                 await server.stop(SHUTDOWN_GRACE_SECONDS)
+            await self.streaming.stop()
             if metrics is not None:
                 await metrics.stop()
             if status_api is not None:
@@ -167,7 +173,8 @@ class Daemon:
             ]
         )
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(
-            RuntimeServicer(self.config, self.sandboxes, self.containers), server)
+            RuntimeServicer(self.config, self.sandboxes, self.containers, self.streaming),
+            server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(
             ImageServicer(self.images, lambda: container_filesystems(self.containers)), server)
         # Created with the right mode from the start: no moment where others may connect.

@@ -215,7 +215,7 @@ class OciRuntime:
         args = ["kill", *(["--all"] if all_processes else []), cid, str(int(signal))]
         rc, _, err = await self._runc(*args)
         if rc != 0:
-            if "not running" in _runc_message(err):
+            if "not running" in runc_message(err):
                 return
             raise _runc_error(f"runc kill {cid}", err)
 
@@ -247,7 +247,7 @@ class OciRuntime:
         remove its exit file and conmon's leftovers. Deleting twice is fine."""
         cid = _check_id(container_id)
         rc, _, err = await self._runc("delete", "--force", cid)
-        if rc != 0 and not _is_not_found(_runc_message(err)):
+        if rc != 0 and not _is_not_found(runc_message(err)):
             raise _runc_error(f"runc delete {cid}", err)
         record = self._record(cid)
         await self._finish_conmon(cid)
@@ -258,7 +258,7 @@ class OciRuntime:
         cid = _check_id(container_id)
         rc, out, err = await self._runc("state", cid)
         if rc != 0:
-            if _is_not_found(_runc_message(err)):
+            if _is_not_found(runc_message(err)):
                 return None
             raise _runc_error(f"runc state {cid}", err)
         try:
@@ -360,7 +360,7 @@ class OciRuntime:
         if not args:
             raise InvalidArgumentError("exec needs a command")
         bundle = await self._bundle(cid)
-        process = _exec_process(_load_config(bundle), args, env, cwd, tty)
+        process = exec_process(load_config(bundle), args, env, cwd, tty)
         limit = timeout if timeout is not None and timeout > 0 else None
         workdir = Path(tempfile.mkdtemp(prefix=f"{cid}.", dir=self._exec_dir))
         try:
@@ -413,11 +413,11 @@ class OciRuntime:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _runc_argv(self, *args: str) -> list[str]:
+    def runc_argv(self, *args: str) -> list[str]:
         return [self.runtime_path, "--root", str(self._runc_root), "--log-format", "json", *args]
 
     async def _runc(self, *args: str, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-        argv = self._runc_argv(*args)
+        argv = self.runc_argv(*args)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -498,9 +498,9 @@ class OciRuntime:
                 f"conmon for container {cid} sent an unreadable answer: {line[:200]!r}"
             ) from None
         if pid <= 0:
-            message = _runc_message(str(answer.get("message", "")).encode())
+            message = runc_message(str(answer.get("message", "")).encode())
             if not message:
-                message = _runc_log_errors(persist / "runc.log") or _tail(stderr_path)
+                message = runc_log_errors(persist / "runc.log") or _tail(stderr_path)
             raise FailedPreconditionError(
                 f"runc create of container {cid} failed: {message or 'no error message'}"
             )
@@ -511,8 +511,8 @@ class OciRuntime:
         try:
             await self._finish_conmon(cid)
             rc, _, err = await self._runc("delete", "--force", cid)
-            if rc != 0 and not _is_not_found(_runc_message(err)):
-                log.warning("cleaning up container %s: %s", cid, _runc_message(err))
+            if rc != 0 and not _is_not_found(runc_message(err)):
+                log.warning("cleaning up container %s: %s", cid, runc_message(err))
         except CripyError as e:
             log.warning("cleaning up container %s: %s", cid, e)
         self._remove_leftovers(cid, bundle)
@@ -634,12 +634,12 @@ class OciRuntime:
                 try:
                     await asyncio.wait_for(asyncio.shield(sync_task), self.kill_wait)
                 except TimeoutError:
-                    _kill_pid_from(workdir / "conmon.pid")
+                    kill_pid_from(workdir / "conmon.pid")
             await capture.finish(1.0)
         except BaseException:
             if sync_task is not None and not sync_task.done():
                 await self._kill_exec_process(pidfile, lambda: False)
-                _kill_pid_from(workdir / "conmon.pid")
+                kill_pid_from(workdir / "conmon.pid")
             raise
         finally:
             if sync_task is not None:
@@ -671,7 +671,7 @@ class OciRuntime:
         self, cid: str, workdir: Path, spec: Path, timeout: float | None
     ) -> ExecResult:
         pidfile = workdir / "pid"
-        argv = self._runc_argv("exec", "--process", str(spec), "--pid-file", str(pidfile), cid)
+        argv = self.runc_argv("exec", "--process", str(spec), "--pid-file", str(pidfile), cid)
         capture = _Capture()
         # runc's foreground tty mode wants a terminal of its own: it gets one as stdin.
         master, slave = os.openpty()
@@ -725,7 +725,7 @@ class OciRuntime:
     def _exec_start_failure(self, cid: str, capture: _Capture, errors: bytes) -> ExecResult:
         """The result of a command runc could not start, or the error if it was not the
         command's fault (say, a stopped container)."""
-        message = _runc_message(errors)
+        message = runc_message(errors)
         if "unable to start container process" not in message:
             raise _runc_error(f"exec in container {cid}", errors)
         lowered = message.lower()
@@ -739,7 +739,7 @@ class OciRuntime:
         # runc writes the pid file once the process runs; a timeout may strike just before.
         while not pidfile.exists() and starting() and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        _kill_pid_from(pidfile, group=True)
+        kill_pid_from(pidfile, group=True)
 
     async def _bundle(self, cid: str) -> Path:
         record = self._record(cid)
@@ -786,7 +786,7 @@ def _check_id(container_id: str) -> str:
     return container_id
 
 
-def _runc_message(stderr: bytes) -> str:
+def runc_message(stderr: bytes) -> str:
     """runc's error text from its stderr (JSON log lines, or plain text)."""
     errors: list[str] = []
     others: list[str] = []
@@ -807,12 +807,12 @@ def _runc_message(stderr: bytes) -> str:
     return "; ".join(errors or others)
 
 
-def _runc_log_errors(path: Path) -> str:
+def runc_log_errors(path: Path) -> str:
     try:
         data = path.read_bytes()[-65536:]
     except OSError:
         return ""
-    return _runc_message(data)
+    return runc_message(data)
 
 
 def _is_not_found(message: str) -> bool:
@@ -820,7 +820,7 @@ def _is_not_found(message: str) -> bool:
 
 
 def _runc_error(what: str, stderr: bytes) -> CripyError:
-    message = _runc_message(stderr) or "no error message"
+    message = runc_message(stderr) or "no error message"
     if _is_not_found(message):
         return NotFoundError(f"{what}: {message}")
     return FailedPreconditionError(f"{what}: {message}")
@@ -903,7 +903,7 @@ class _Capture:
         self._fds.clear()
 
 
-def _kill_pid_from(pidfile: Path, *, group: bool = False) -> None:
+def kill_pid_from(pidfile: Path, *, group: bool = False) -> None:
     try:
         pid = int(pidfile.read_text().strip())
     except (OSError, ValueError):
@@ -982,7 +982,7 @@ async def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
-def _load_config(bundle: Path) -> dict[str, Any]:
+def load_config(bundle: Path) -> dict[str, Any]:
     path = bundle / "config.json"
     try:
         config = json.loads(path.read_bytes())
@@ -995,7 +995,7 @@ def _load_config(bundle: Path) -> dict[str, Any]:
     return config
 
 
-def _exec_process(
+def exec_process(
     config: dict[str, Any], args: list[str], env: list[str] | None, cwd: str | None, tty: bool
 ) -> dict[str, Any]:
     """The OCI process of an exec: the container's own, with `args`, `env` and `cwd`."""

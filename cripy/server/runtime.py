@@ -20,6 +20,8 @@ from cripy.server.events import EventRpcs
 from cripy.server.rpc import Context, rpc, unimplemented_stubs
 from cripy.server.sandbox import SandboxRpcs
 from cripy.server.stats import StatsRpcs
+from cripy.server.streaming import StreamingRpcs
+from cripy.streaming.server import StreamingServer
 
 RUNTIME_NAME = "cripy"
 RUNTIME_API_VERSION = "v1"
@@ -49,12 +51,14 @@ def _condition(kind: str, readiness: Readiness) -> pb.RuntimeCondition:
     )
 
 
-class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, _RuntimeStubs):
+class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, StreamingRpcs,
+                      _RuntimeStubs):
     def __init__(self, config: Config, sandboxes: SandboxManager,
-                 containers: ContainerManager) -> None:
+                 containers: ContainerManager, streaming: StreamingServer) -> None:
         self.config = config
         self.sandboxes = sandboxes
         self.containers = containers
+        self.streaming = streaming
         self.events = containers.events
 
     @rpc
