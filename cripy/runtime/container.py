@@ -250,10 +250,11 @@ class ContainerManager:
             if container.state != CREATED:
                 raise FailedPreconditionError(
                     f"container {container.id} is {container.state}, not created")
+            started_at = time.time_ns()  # taken first: a quick exit must not precede it
             await self.oci.start(container.id)
             crash_point("start-container-after-start")
             container.state = RUNNING
-            container.started_at = time.time_ns()
+            container.started_at = started_at
             await self._save(container)
         self._publish(STARTED, container)
         log.info("container %s started", container.id[:12])

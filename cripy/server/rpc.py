@@ -31,34 +31,37 @@ def rpc(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: Context) -> Resp:
         started = time.monotonic()
-        code: str | None = "UNKNOWN"
+
+        def done(code: str | None) -> None:
+            # Before the status goes out: a client that has its answer sees it counted.
+            record_rpc(name, time.monotonic() - started, code)
+
         try:
             response = await handler(self, request, context)
-            code = None
         except CripyError as exc:
-            code = exc.code
+            done(exc.code)
             log.info("%s failed: %s: %s", name, exc.code, exc)
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
             raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            done("CANCELLED")
+            raise
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
+                done("UNKNOWN")
                 raise
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 # A full disk is the node's condition, not a bug: say so plainly.
-                code = "RESOURCE_EXHAUSTED"
+                done("RESOURCE_EXHAUSTED")
                 log.error("%s failed: out of disk space: %s", name, exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"{name}: no space left on device: {exc}")
                 raise
-            code = "INTERNAL"
+            done("INTERNAL")
             log.exception("%s failed unexpectedly", name)
             await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {exc}")
             raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            record_rpc(name, time.monotonic() - started, code)
+        done(None)
         log.debug("%s ok in %.1f ms", name, (time.monotonic() - started) * 1000)
         return response
 
