@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -15,14 +14,9 @@ import pytest
 from cripy.api import api_pb2 as pb
 from tests.support.daemon import Daemon
 from tests.support.pods import (
-    Node,
     Pods,
-    bridge_network,
     container_config,
-    leftovers,
-    remove_cgroup,
 )
-from tests.support.registry import Registry
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -40,28 +34,6 @@ CADVISOR_METRICS = {
     "container_processes", "container_threads", "container_last_seen",
     "container_start_time_seconds", "container_spec_memory_limit_bytes",
 }
-
-
-@pytest.fixture(scope="module")
-def stats_node(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
-               images: Any) -> Iterator[Node]:
-    tmp = tmp_path_factory.mktemp("stats-node")
-    daemon = Daemon(tmp / "daemon", insecure_registries=[registry.host])
-    with bridge_network(daemon.cni_dir, tmp, 5) as bridge, daemon:
-        daemon.pull(images.busybox.ref)
-        yield Node(daemon, bridge, images.busybox.ref, tmp)
-
-
-@pytest.fixture
-def pods(stats_node: Node, tmp_path: Path) -> Iterator[Pods]:
-    tracker = Pods(stats_node, tmp_path / "logs")
-    try:
-        yield tracker
-    finally:
-        tracker.cleanup()
-        leaks = leftovers(stats_node.daemon, stats_node.bridge, tracker.cgroup_parent)
-        remove_cgroup(tracker.cgroup_parent)
-        assert leaks == [], f"the test leaked: {leaks}"
 
 
 def wait_for(probe: Callable[[], T | None], what: str, within: float = 30) -> T:
