@@ -412,7 +412,7 @@ class VerbParser(argparse.ArgumentParser):
 
 
 def add_parser(commands: Any) -> None:
-    from cripy.cli import ctl_runtime
+    from cripy.cli import ctl_runtime, ctl_stream
 
     parser = commands.add_parser("ctl", help="a crictl-like CRI client")
     parser.add_argument("-r", "--runtime-endpoint",
@@ -452,6 +452,7 @@ def add_parser(commands: Any) -> None:
     rmi.add_argument("-a", "--all", action="store_true", help="remove every image")
     verb("imagefsinfo", cmd_imagefsinfo, "image filesystem usage")
     ctl_runtime.add_verbs(verb)
+    ctl_stream.add_verbs(verb)
 
 
 def fail(verb: str, code: str, message: str) -> int:

@@ -645,8 +645,8 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> None:
 
 def cmd_exec(client: Client, args: argparse.Namespace) -> int:
     if args.interactive or args.tty:
-        raise CtlError("UNIMPLEMENTED", "interactive exec is not supported yet "
-                                        "(run the command without -i and -t)")
+        from cripy.cli.ctl_stream import exec_interactive
+        return exec_interactive(client, args)
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise CtlError("INVALID_ARGUMENT", "give a command to run")
@@ -771,11 +771,13 @@ def add_verbs(verb: AddVerb) -> None:
 
     exec_ = verb("exec", cmd_exec, "run a command in a container (ExecSync)", ())
     exec_.add_argument("-s", "--sync", action="store_true",
-                       help="run synchronously (the only mode supported)")
+                       help="run synchronously (the default without -i and -t)")
     exec_.add_argument("--timeout", dest="exec_timeout", type=int, default=0,
                        metavar="SECONDS", help="kill the command after SECONDS (default none)")
-    exec_.add_argument("-i", "--interactive", action="store_true", help=argparse.SUPPRESS)
-    exec_.add_argument("-t", "--tty", action="store_true", help=argparse.SUPPRESS)
+    exec_.add_argument("-i", "--interactive", action="store_true",
+                       help="pass stdin to the command (streams through Exec)")
+    exec_.add_argument("-t", "--tty", action="store_true",
+                       help="run the command in a terminal (streams through Exec)")
     exec_.add_argument("container", metavar="CONTAINER")
     exec_.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARG...]")
 
