@@ -272,7 +272,8 @@ def cmd_images(client: Client, args: argparse.Namespace) -> None:
     print_table(rows)
 
 
-def cmd_pull(client: Client, args: argparse.Namespace) -> None:
+def auth_config(args: argparse.Namespace) -> pb.AuthConfig:
+    """Registry credentials from --creds USER:PASS or --auth BASE64."""
     auth = pb.AuthConfig()
     if args.creds:
         user, sep, password = args.creds.partition(":")
@@ -281,6 +282,11 @@ def cmd_pull(client: Client, args: argparse.Namespace) -> None:
         auth.username, auth.password = user, password
     if args.auth:
         auth.auth = args.auth
+    return auth
+
+
+def cmd_pull(client: Client, args: argparse.Namespace) -> None:
+    auth = auth_config(args)
     resp = pull_image(client, pb.PullImageRequest(image=pb.ImageSpec(image=args.image),
                                                   auth=auth))
     print(f"Image is up to date for {resp.image_ref}")

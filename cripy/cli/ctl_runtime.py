@@ -28,6 +28,7 @@ from cripy.cli.ctl import (
     Client,
     CtlError,
     age,
+    auth_config,
     fail,
     load_container_config,
     load_pod_config,
@@ -389,14 +390,7 @@ def _ensure_image(client: Client, args: argparse.Namespace, config: pb.Container
                                           timeout=args.timeout)
         if status.HasField("image"):
             return
-    auth = pb.AuthConfig()
-    if args.creds:
-        user, sep, password = args.creds.partition(":")
-        if not sep:
-            raise CtlError("INVALID_ARGUMENT", "--creds must be USERNAME:PASSWORD")
-        auth.username, auth.password = user, password
-    if args.auth:
-        auth.auth = args.auth
+    auth = auth_config(args)
     spec = pb.ImageSpec(image=image, annotations=config.image.annotations)
     pull_image(client, pb.PullImageRequest(image=spec, auth=auth, sandbox_config=pod_config))
 
