@@ -22,6 +22,7 @@ from cripy.streaming.spdy_handler import (
     SPDY_REMOTECOMMAND_PROTOCOLS,
     SpdySession,
     SpdyStream,
+    pinned,
 )
 
 Output = Callable[[bytes], Awaitable[None]]
@@ -177,6 +178,13 @@ async def spdy_exec(url: str, *, stdin: asyncio.StreamReader | None, stdout: Out
                     ssl_context: ssl.SSLContext | None = None) -> Outcome:
     """Run an exec or attach session from its URL (`protocol` may list several, most
     wanted first). stdin is sent until its EOF; with a tty there is no stderr stream."""
+    with pinned():
+        return await _exec(url, stdin, stdout, stderr, tty, resize, protocol, ssl_context)
+
+
+async def _exec(url: str, stdin: asyncio.StreamReader | None, stdout: Output | None,
+                stderr: Output | None, tty: bool, resize: asyncio.Queue[TerminalSize] | None,
+                protocol: str, ssl_context: ssl.SSLContext | None) -> Outcome:
     offered = [p.strip() for p in protocol.split(",") if p.strip()]
     reader, writer, chosen = await upgrade(url, offered, ssl_context)
     chosen = chosen or "channel.k8s.io"  # a server that does not negotiate speaks v1
@@ -184,7 +192,7 @@ async def spdy_exec(url: str, *, stdin: asyncio.StreamReader | None, stdout: Out
         writer.close()
         raise UpgradeError(f"the server chose protocol {chosen!r}, not one of {offered}")
     session = SpdySession(reader, writer, client=True)
-    run = asyncio.create_task(session.run())
+    run = session.start()
     tasks: list[asyncio.Task[Any]] = []
     try:
         def kind(name: str) -> list[tuple[str, str]]:
@@ -235,13 +243,20 @@ async def spdy_port_forward(url: str, port: int, reader: asyncio.StreamReader,
     connection of its own; returns when the pod's side ends (then the local side gets
     EOF; closing `writer` is left to the caller). Raises PortForwardError with what the
     server reported."""
+    with pinned():
+        await _port_forward(url, port, reader, writer, ssl_context, request_id)
+
+
+async def _port_forward(url: str, port: int, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter, ssl_context: ssl.SSLContext | None,
+                        request_id: int) -> None:
     r, w, chosen = await upgrade(url, SPDY_PORTFORWARD_PROTOCOLS, ssl_context)
     if chosen != SPDY_PORTFORWARD_PROTOCOLS[0]:
         w.close()
         raise UpgradeError(f"unable to negotiate protocol: client supports "
                            f"{SPDY_PORTFORWARD_PROTOCOLS[0]!r}, server returned {chosen!r}")
     session = SpdySession(r, w, client=True)
-    run = asyncio.create_task(session.run())
+    run = session.start()
     up: asyncio.Task[None] | None = None
     status: asyncio.Task[bytes] | None = None
     try:

@@ -20,8 +20,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from cripy.streaming.session import (
     AttachTarget,
@@ -70,6 +71,31 @@ STREAM_BUFFER_LIMIT = 1 << 20
 #: A writer waits while this much of its data waits for the peer's window.
 WRITE_HIGH_WATER = 256 * 1024
 READ_SIZE = 64 * 1024
+
+# The event loop holds tasks only weakly, and a StreamReaderProtocol its reader too: a
+# task that waits on a socket nobody else references (say, a port-forward whose local
+# side was half-closed, so its transport left the selector) can be garbage-collected
+# mid-flight. Reader loops and the tasks running a session are kept here.
+_RUNNING: set[asyncio.Task[Any]] = set()
+
+
+def _keep(task: asyncio.Task[Any]) -> None:
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+    """Keep the current task strongly referenced while the block runs."""
+    task = asyncio.current_task()
+    if task is None:
+        yield
+        return
+    _RUNNING.add(task)
+    try:
+        yield
+    finally:
+        _RUNNING.discard(task)
 
 
 class SpdyStream:
@@ -192,8 +218,8 @@ class SpdyStream:
 
 
 class SpdySession:
-    """A `SpdyConnection` over an asyncio stream pair. `run()` is the reader loop; it
-    returns when the peer closes the connection or breaks the protocol (then it sends
+    """A `SpdyConnection` over an asyncio stream pair. `start()` runs the reader loop,
+    which ends when the peer closes the connection or breaks the protocol (then it sends
     GOAWAY); `on_stream` is called for each stream the peer opens and must `accept` or
     `reset` it."""
 
@@ -214,6 +240,12 @@ class SpdySession:
         # Announcing our window tells a peer like us that we do flow control.
         self.conn.send_settings({Setting.INITIAL_WINDOW_SIZE: DEFAULT_WINDOW})
         self.flush()
+
+    def start(self) -> asyncio.Task[None]:
+        """The reader loop as a task (cancel it to stop reading)."""
+        task = asyncio.create_task(self.run())
+        _keep(task)
+        return task
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -398,6 +430,14 @@ async def serve_spdy(headers: list[tuple[str, str]], reader: asyncio.StreamReade
                      backend: StreamBackend) -> None:
     """Answer an `Upgrade: SPDY/3.1` request whose head was read from `reader`: the 101
     (or 400/403) response, then the session. Closes the connection before returning."""
+    with pinned():
+        await _serve(headers, reader, writer, target, backend)
+
+
+async def _serve(headers: list[tuple[str, str]], reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter,
+                 target: ExecTarget | AttachTarget | PortForwardTarget,
+                 backend: StreamBackend) -> None:
     supported = (SPDY_PORTFORWARD_PROTOCOLS if isinstance(target, PortForwardTarget)
                  else SPDY_REMOTECOMMAND_PROTOCOLS)
     try:
@@ -530,7 +570,7 @@ class _RemoteCommand:
 
     async def serve(self) -> None:
         session = self.session
-        run = asyncio.create_task(session.run())
+        run = session.start()
         pumps: list[asyncio.Task[None]] = []
         backend: asyncio.Task[Outcome] | None = None
         try:
@@ -696,6 +736,7 @@ class _PortForward:
             if pair.timer is not None:
                 pair.timer.cancel()
             pair.task = asyncio.create_task(self._forward(pair))
+            _keep(pair.task)
             self.tasks.add(pair.task)
             pair.task.add_done_callback(self.tasks.discard)
 
@@ -718,7 +759,7 @@ class _PortForward:
             await stream.close()
 
     async def serve(self) -> None:
-        run = asyncio.create_task(self.session.run())
+        run = self.session.start()
         try:
             await self.session.closed.wait()
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -168,7 +169,7 @@ async def raw_error_stream(url: str, protocol: str, kinds: list[str]) -> tuple[s
     """Open the streams by hand; what the error stream carried."""
     reader, writer, chosen = await upgrade(url, [protocol])
     session = SpdySession(reader, writer, client=True)
-    task = asyncio.create_task(session.run())
+    task = session.start()
     try:
         streams = {k: await session.create_stream([("streamtype", k)]) for k in kinds}
         if "stdin" in streams:
@@ -360,7 +361,7 @@ def test_missing_streams_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
             h.targets["/exec/x"] = exec_target("echo")
             reader, writer, _ = await upgrade(h.url("/exec/x"), ["v4.channel.k8s.io"])
             session = SpdySession(reader, writer, client=True)
-            task = asyncio.create_task(session.run())
+            task = session.start()
             await session.create_stream([("streamtype", "error")])
             await asyncio.wait_for(session.closed.wait(), 5)  # the server gave up
             assert session.goaway_received
@@ -405,7 +406,7 @@ def test_client_takes_a_status_ended_by_reset() -> None:
                     arrived.set()
 
             session = SpdySession(reader, writer, client=False, on_stream=on_stream)
-            task = asyncio.create_task(session.run())
+            task = session.start()
             await arrived.wait()
             await streams["stdout"].write(b"output")
             await streams["error"].write(json.dumps({
@@ -437,7 +438,7 @@ def test_client_reports_a_connection_lost_before_the_status() -> None:
                          b"\r\n\r\n")
             session = SpdySession(reader, writer, client=False,
                                   on_stream=lambda stream: stream.accept())
-            task = asyncio.create_task(session.run())
+            task = session.start()
             while len(session.streams) < 2:
                 await asyncio.sleep(0.01)
             writer.transport.abort()
@@ -507,6 +508,40 @@ def test_port_forward_two_concurrent_connections() -> None:
     run(test)
 
 
+def test_port_forward_survives_garbage_collection_while_half_closed() -> None:
+    """Once the local client half-closed, no socket is read on behalf of the forwarding
+    task; it must still not be collected while it waits for a slow pod."""
+    async def test() -> None:
+        async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            data = await reader.read()
+            await asyncio.sleep(0.3)
+            writer.write(data[::-1])
+            writer.close()
+
+        pod = await asyncio.start_server(slow, "127.0.0.1", 0)
+        async with harness() as h:
+            h.backend.ports[7000] = pod.sockets[0].getsockname()[1]
+            h.targets["/pf"] = PortForwardTarget("pod1")
+
+            async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                               ) -> None:
+                try:
+                    await spdy_port_forward(h.url("/pf"), 7000, reader, writer)
+                finally:
+                    writer.close()
+
+            local = await asyncio.start_server(accepted, "127.0.0.1", 0)
+            exchange = asyncio.create_task(
+                forwarded_exchange(local.sockets[0].getsockname()[1], b"stressed"))
+            while not exchange.done():
+                gc.collect()
+                await asyncio.sleep(0.02)
+            assert exchange.result() == b"desserts"
+            local.close()
+        pod.close()
+    run(test)
+
+
 def test_port_forward_many_requests_on_one_connection() -> None:
     async def test() -> None:
         async with harness() as h, echo_server() as echo_port:
@@ -515,7 +550,7 @@ def test_port_forward_many_requests_on_one_connection() -> None:
             reader, writer, chosen = await upgrade(h.url("/pf"), ["portforward.k8s.io"])
             assert chosen == "portforward.k8s.io"
             session = SpdySession(reader, writer, client=True)
-            task = asyncio.create_task(session.run())
+            task = session.start()
 
             async def one(request_id: int, port: int, message: bytes) -> tuple[bytes, bytes]:
                 common = [("port", str(port)), ("requestid", str(request_id))]
