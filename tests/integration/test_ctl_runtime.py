@@ -12,7 +12,10 @@ import json
 import random
 import re
 import secrets
+import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,9 +85,9 @@ class Ctl:
     def cgroup_parent(self) -> str:
         return f"/cripyctl-{self.tag}"
 
-    def __call__(self, *args: str, check: bool = True, timeout: float = 120
-                 ) -> subprocess.CompletedProcess[str]:
-        return self.node.daemon.ctl(*args, check=check, timeout=timeout)
+    def __call__(self, *args: str, check: bool = True, timeout: float = 120,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return self.node.daemon.ctl(*args, check=check, timeout=timeout, input=input)
 
     def pod_file(self, name: str) -> Path:
         config = {
@@ -363,8 +366,40 @@ def test_config_file_errors(ctl: Ctl) -> None:
     assert line.startswith("cripy ctl run: INVALID_ARGUMENT: ")
 
 
-def test_interactive_exec_is_refused(ctl: Ctl) -> None:
-    for flags in (["-it"], ["-i"], ["-t"]):
-        line = one_line_error(ctl("exec", *flags, "whatever", "sh", check=False))
-        assert line == ("cripy ctl exec: UNIMPLEMENTED: interactive exec is not supported yet "
-                        "(run the command without -i and -t)")
+def test_interactive_exec_and_port_forward(ctl: Ctl) -> None:
+    pod_config = ctl.pod_file("stream")
+    cid = ctl("run", str(ctl.container_file("shell", SLEEPER)), str(pod_config)).stdout.strip()
+    pod_id = json.loads(ctl("ps", "-o", "json", "--id", cid).stdout)["containers"][0][
+        "podSandboxId"]
+    ctl.pods.append(pod_id)
+    result = ctl("exec", "-i", cid, "sh", "-c", "read x; echo got-$x; exit 5",
+                 input="hello\n", check=False)
+    assert (result.returncode, result.stdout) == (5, "got-hello\n")
+
+    server = ["nc", "-ll", "-p", "8080", "127.0.0.1", "-e", "echo", "via-port-forward"]
+    ctl("create", pod_id, str(ctl.container_file("server", server)), str(pod_config))
+    server_id = json.loads(ctl("ps", "-a", "-o", "json", "--name", "server").stdout)[
+        "containers"][0]["id"]
+    ctl("start", server_id)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        local = probe.getsockname()[1]
+    forward = subprocess.Popen(
+        [sys.executable, "-m", "cripy", "ctl", "-r", ctl.node.daemon.endpoint,
+         "port-forward", pod_id, f"{local}:8080"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", local), timeout=5) as conn:
+                    data = conn.recv(100)
+                if data.strip() == b"via-port-forward":
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "port-forward never answered"
+            time.sleep(0.2)
+    finally:
+        forward.send_signal(signal.SIGINT)
+        forward.wait(15)

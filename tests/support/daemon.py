@@ -149,12 +149,12 @@ class Daemon:
         )
         return str(self.images.PullImage(request, timeout=120).image_ref)
 
-    def ctl(self, *args: str, check: bool = True, timeout: float = 120
-            ) -> subprocess.CompletedProcess[str]:
-        """Run `cripy ctl` against this daemon."""
+    def ctl(self, *args: str, check: bool = True, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `cripy ctl` against this daemon (`input` goes to its stdin)."""
         result = subprocess.run(
             [sys.executable, "-m", "cripy", "ctl", "-r", self.endpoint, *args],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True, text=True, timeout=timeout, input=input,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         if check and result.returncode != 0:
