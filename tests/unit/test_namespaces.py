@@ -16,8 +16,6 @@ from cripy.errors import AlreadyExistsError, FailedPreconditionError, InvalidArg
 from cripy.network import namespaces
 from cripy.network.namespaces import is_pinned, pin_namespaces, unpin_namespaces
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
-
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -45,12 +45,6 @@ APPLETS = ["sh", "echo", "cat", "sleep", "id", "head", "tail", "ls", "printf", "
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0
-    or not all(os.access(p, os.X_OK) for p in (RUNC, CONMON, BUSYBOX))
-    or not os.path.isdir("/sys/fs/cgroup/memory"),
-    reason="needs root, runc, conmon, busybox-static and the cgroup v1 memory controller",
-)
 
 #: A CRI log line: RFC 3339 timestamp with nanoseconds, stream, partial/full tag, text.
 LOG_LINE = re.compile(

@@ -1111,7 +1111,6 @@ def _run_in_runc(
                 unified.rmdir()
 
 
-@pytest.mark.skipif(not _runc_ready(), reason="needs root, runc and a static busybox")
 def test_runc_accepts_spec(tmp_path: Path) -> None:
     sc = SC(
         run_as_user=pb.Int64Value(value=1234),
