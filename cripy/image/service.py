@@ -53,7 +53,6 @@ class ImageManager:
         # Layers that pulls in progress need: garbage collection must leave them.
         self._in_flight: Counter[str] = Counter()
         self._download_slots = asyncio.Semaphore(config.image.pull_concurrency)
-        self.on_progress: Callable[[str, int], None] | None = None
         # Layers containers are built on; set by the daemon once containers exist.
         self.layers_in_use: Callable[[], frozenset[str]] = frozenset
 
@@ -150,7 +149,7 @@ class ImageManager:
         stage = self.store.staging_dir()  # one mkdir: no thread, so no window to leak it
         try:
             blob = stage / "blob"
-            await self.client.fetch_blob(resolved, desc, blob, self._progress(str(resolved)))
+            await self.client.fetch_blob(resolved, desc, blob)
             (stage / "diff").mkdir()
             result = await in_thread_to_completion(
                 apply_layer,
@@ -176,13 +175,7 @@ class ImageManager:
             await in_thread_to_completion(self.store.commit_layer, stage, record)
             crash_point("pull-after-layer")
         finally:
-            await in_thread_to_completion(_remove_if_present, stage)
-
-    def _progress(self, name: str) -> Callable[[int], None] | None:
-        callback = self.on_progress
-        if callback is None:
-            return None
-        return lambda n: callback(name, n)
+            await in_thread_to_completion(remove_tree, stage)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -288,7 +281,3 @@ async def in_thread_to_completion(func: Callable[..., T], *args: Any, **kwargs: 
         await asyncio.wait([work])
         raise
 
-
-def _remove_if_present(path: Path) -> None:
-    if path.exists():
-        remove_tree(path)

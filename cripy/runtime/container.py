@@ -126,6 +126,13 @@ class ContainerManager:
             result = [c for c in result if c.config.labels.get(key) == value]
         return result
 
+    def get_running(self, container_id: str) -> Container:
+        """A container that must be running for what is asked of it (exec, attach, logs)."""
+        container = self.get(container_id)
+        if container.state != RUNNING:
+            raise FailedPreconditionError(f"container {container.id} is not running")
+        return container
+
     def in_sandbox(self, sandbox_id: str) -> list[Container]:
         return [c for c in self.containers.values() if c.sandbox_id == sandbox_id]
 
@@ -326,17 +333,13 @@ class ContainerManager:
 
     async def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None
                         ) -> ExecResult:
-        container = self.get(container_id)
-        if container.state != RUNNING:
-            raise FailedPreconditionError(f"container {container.id} is not running")
+        container = self.get_running(container_id)
         if not cmd:
             raise InvalidArgumentError("exec command is empty")
         return await self.oci.exec_sync(container.id, cmd, timeout=timeout)
 
     async def reopen_log(self, container_id: str) -> None:
-        container = self.get(container_id)
-        if container.state != RUNNING:
-            raise FailedPreconditionError(f"container {container.id} is not running")
+        container = self.get_running(container_id)
         await self.oci.reopen_log(container.id)
 
     # --- persistence and start-up -------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError
-from cripy.runtime.container import RUNNING, ContainerManager
+from cripy.runtime.container import ContainerManager
 from cripy.runtime.sandbox import READY, SandboxManager
 from cripy.server.rpc import Context, rpc
 from cripy.streaming.server import StreamingServer
@@ -24,26 +24,22 @@ class StreamingRpcs:
     sandboxes: SandboxManager
     streaming: StreamingServer
 
-    def _running(self, container_id: str) -> str:
-        container = self.containers.get(container_id)
-        if container.state != RUNNING:
-            raise FailedPreconditionError(f"container {container.id} is not running")
-        return container.id
-
     @rpc
     async def Exec(self, request: pb.ExecRequest, context: Context) -> pb.ExecResponse:
         _streams(request.tty, request.stdin, request.stdout, request.stderr)
         if not request.cmd:
             raise InvalidArgumentError("exec command is empty")
-        target = ExecTarget(self._running(request.container_id), list(request.cmd),
-                            request.tty, request.stdin, request.stdout, request.stderr)
+        container = self.containers.get_running(request.container_id)
+        target = ExecTarget(container.id, list(request.cmd), request.tty, request.stdin,
+                            request.stdout, request.stderr)
         return pb.ExecResponse(url=self.streaming.url_for(target))
 
     @rpc
     async def Attach(self, request: pb.AttachRequest, context: Context) -> pb.AttachResponse:
         _streams(request.tty, request.stdin, request.stdout, request.stderr)
-        target = AttachTarget(self._running(request.container_id), request.tty,
-                              request.stdin, request.stdout, request.stderr)
+        container = self.containers.get_running(request.container_id)
+        target = AttachTarget(container.id, request.tty, request.stdin, request.stdout,
+                              request.stderr)
         return pb.AttachResponse(url=self.streaming.url_for(target))
 
     @rpc

@@ -64,7 +64,7 @@ from cripy.oci.runtime import (
     runc_log_errors,
     runc_message,
 )
-from cripy.runtime.container import RUNNING, Container, ContainerManager
+from cripy.runtime.container import ContainerManager
 from cripy.runtime.sandbox import READY, SandboxManager
 from cripy.streaming.session import (
     AttachTarget,
@@ -110,19 +110,13 @@ class RuntimeStreamBackend:
         self.sandboxes = sandboxes
         self.oci = oci
 
-    def _running(self, container_id: str) -> Container:
-        container = self.containers.get(container_id)
-        if container.state != RUNNING:
-            raise FailedPreconditionError(f"container {container.id} is not running")
-        return container
-
     # -- exec ----------------------------------------------------------------------------
 
     async def exec(self, target: ExecTarget, session: StreamSession) -> Outcome:
         if not target.cmd:
             return Outcome(error="exec needs a command")
         try:
-            container = self._running(target.container_id)
+            container = self.containers.get_running(target.container_id)
             bundle = self.containers.run_dir / container.id
             process = exec_process(load_config(bundle), target.cmd, None, None, target.tty)
         except CripyError as exc:
@@ -259,7 +253,7 @@ class RuntimeStreamBackend:
 
     async def attach(self, target: AttachTarget, session: StreamSession) -> Outcome:
         try:
-            container = self._running(target.container_id)
+            container = self.containers.get_running(target.container_id)
         except CripyError as exc:
             return Outcome(error=str(exc))
         cid = container.id

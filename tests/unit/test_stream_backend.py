@@ -24,7 +24,12 @@ from typing import Any, cast
 import pytest
 
 from cripy.api import api_pb2 as pb
-from cripy.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from cripy.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from cripy.network.namespaces import pin_namespaces, unpin_namespaces
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import EXITED, RUNNING
@@ -81,6 +86,12 @@ class FakeContainers:
             return self.items[container_id]
         except KeyError:
             raise NotFoundError(f"container {container_id!r} not found") from None
+
+    def get_running(self, container_id: str) -> FakeContainer:
+        container = self.get(container_id)
+        if container.state != RUNNING:
+            raise FailedPreconditionError(f"container {container.id} is not running")
+        return container
 
 
 @dataclass
