@@ -42,17 +42,18 @@ class EventBus:
 
     def publish(self, event: Event) -> None:
         for queue in list(self._subscribers):
-            try:
+            if queue.qsize() < self.queue_limit:
                 queue.put_nowait(event)
-            except asyncio.QueueFull:
-                log.warning("dropping an event subscriber that is %d events behind",
-                            self.queue_limit)
-                self._subscribers.discard(queue)
-                queue.get_nowait()  # make room for the end marker
-                queue.put_nowait(_Closed())
+                continue
+            # The queue has one spare slot for the end: the subscriber gets every event
+            # up to here, in order, then its stream ends and it can start afresh.
+            log.warning("dropping an event subscriber that is %d events behind",
+                        self.queue_limit)
+            self._subscribers.discard(queue)
+            queue.put_nowait(_Closed())
 
     async def subscribe(self) -> AsyncIterator[Event]:
-        queue: asyncio.Queue[Event | _Closed] = asyncio.Queue(self.queue_limit)
+        queue: asyncio.Queue[Event | _Closed] = asyncio.Queue(self.queue_limit + 1)
         self._subscribers.add(queue)
         try:
             while True:
