@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import stat
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import grpc
 from cripy.api import api_pb2 as pb
 from tests.support.daemon import Daemon
 from tests.support.pods import Pods
-from tests.support.registry import Registry
+from tests.support.registry import Registry, free_port
 
 
 def cripy_status(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
@@ -50,11 +49,6 @@ def test_status_api_info_config_containers_pause(pods: Pods) -> None:
     assert missing.returncode != 0
     assert len(missing.stderr.strip().splitlines()) == 1 and "404" in missing.stderr
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_prometheus_metrics(tmp_path: Path, registry: Registry, images: Any) -> None:
