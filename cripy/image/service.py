@@ -50,6 +50,9 @@ class ImageManager:
         self.client = client
         self._layer_locks: dict[str, asyncio.Lock] = {}
         self._gc_lock = asyncio.Lock()
+        # Parsed image configs by ID: content-addressed, so never stale. ListImages reads
+        # every image's user from them, and the kubelet lists images often.
+        self._configs: dict[str, dict[str, Any]] = {}
         # Layers that pulls in progress need: garbage collection must leave them.
         self._in_flight: Counter[str] = Counter()
         self._download_slots = asyncio.Semaphore(config.image.pull_concurrency)
@@ -219,8 +222,10 @@ class ImageManager:
         return sorted(self.store.list_images(), key=lambda r: r.id)
 
     def image_config(self, record: ImageRecord) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.store.read_blob(record.id))
-        return data
+        config = self._configs.get(record.id)
+        if config is None:
+            config = self._configs[record.id] = json.loads(self.store.read_blob(record.id))
+        return config
 
     def image_user(self, record: ImageRecord) -> ImageUser:
         return user_from_config(self.image_config(record))
@@ -231,6 +236,7 @@ class ImageManager:
         if record is None:
             return
         await asyncio.to_thread(self.store.delete_image, record.id)
+        self._configs.pop(record.id, None)
         await self.collect_garbage()
         log.info("removed image %s", record.id)
 
