@@ -25,6 +25,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from cripy.runtime.store import ContainerState, PodState
 from cripy.statusapi import HTTPConnections, Request, Response, error_response
 
 if TYPE_CHECKING:
@@ -33,10 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Record states of cripy.runtime (not imported: it imports what may import us); every
-# one is exported, zero or not, so the series never disappear.
-CONTAINER_STATES = ("creating", "created", "running", "exited")
-POD_STATES = ("creating", "ready", "notready")
+# Every state is exported, zero or not, so the series never disappear.
+CONTAINER_STATES = tuple(str(s) for s in ContainerState)
+POD_STATES = tuple(str(s) for s in PodState)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0, 120.0, 300.0)
@@ -94,10 +94,9 @@ class StateCollector:
 
     def collect(self) -> Iterable[Metric]:
         containers = _containers_family()
-        _add_counts(containers, CONTAINER_STATES,
-                    (c.state for c in list(self.containers.containers.values())))
+        _add_counts(containers, CONTAINER_STATES, (str(c.state) for c in self.containers.all()))
         pods = _pods_family()
-        _add_counts(pods, POD_STATES, (s.state for s in list(self.sandboxes.sandboxes.values())))
+        _add_counts(pods, POD_STATES, (str(s.state) for s in self.sandboxes.all()))
         return [containers, pods]
 
 

@@ -32,20 +32,17 @@ from urllib.parse import unquote
 import h11
 
 from cripy import __version__
-from cripy.api import api_pb2 as pb
 from cripy.config import Config, render
 from cripy.errors import CripyError, FailedPreconditionError, NotFoundError
+from cripy.runtime.store import PAUSED, Container, ContainerState, PodState, Sandbox
 
 if TYPE_CHECKING:
     from cripy.oci.runtime import OciRuntime
-    from cripy.runtime.container import Container, ContainerManager
-    from cripy.runtime.sandbox import Sandbox, SandboxManager
+    from cripy.runtime.container import ContainerManager
+    from cripy.runtime.sandbox import SandboxManager
 
 log = logging.getLogger(__name__)
 
-# Record states of cripy.runtime (not imported: cripy.runtime imports what imports us).
-_CREATING, _CREATED, _RUNNING, _EXITED = "creating", "created", "running", "exited"
-PAUSED = "paused"
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
@@ -348,7 +345,7 @@ class StatusServer:
 
     async def _container(self, ident: str) -> Response:
         try:
-            container = self.containers.get(ident)
+            container = await self.containers.get(ident)
         except NotFoundError:
             sandbox = self._sandbox(ident)
             if sandbox is None:
@@ -361,26 +358,29 @@ class StatusServer:
             sandbox = self.sandboxes.get(ident)
         except NotFoundError:
             return None
-        return None if sandbox.state == _CREATING else sandbox
+        return None if sandbox.state == PodState.CREATING else sandbox
 
     async def _container_info(self, c: Container) -> dict[str, Any]:
-        sandbox = self.sandboxes.sandboxes.get(c.sandbox_id)
-        bundle = self.containers.run_dir / c.id
-        state = await self._state(c)
+        sandbox = self.sandboxes.find(c.sandbox_id)
+        try:
+            state = await self.containers.runtime_status(c)
+        except CripyError as exc:
+            log.warning("container %s: runc state failed: %s", c.id[:12], exc)
+            state = str(c.state)
         return {
             "id": c.id,
             "name": c.name,
-            "pid": 0 if state == _EXITED else c.pid,  # an exited pid may belong to another
+            "pid": 0 if state == ContainerState.EXITED else c.pid,  # an exited pid may be reused
             "image": c.config.image.image,
             "image_ref": c.image_id,
             "created_time": c.created_at,
             "labels": dict(c.config.labels),
             "annotations": dict(c.config.annotations),
-            "log_path": c.log_path or str(bundle / "console.log"),
-            "root": str(bundle / "rootfs"),
+            "log_path": str(self.containers.log_file(c)),
+            "root": str(self.containers.bundle_dir(c.id) / "rootfs"),
             "sandbox": c.sandbox_id,
             "ip_addresses": list(sandbox.ips) if sandbox else [],
-            "host_network": _host_network(sandbox),
+            "host_network": sandbox.host_network if sandbox else None,
             "state": state,
             "started_time": c.started_at,
             "finished_time": c.finished_at,
@@ -391,7 +391,7 @@ class StatusServer:
         """A pod in CRI-O's infra-container shape; its pid is the infra process's or, as
         CRI-O does without one, a running container's (both share its network)."""
         pid = s.infra_pid or next((c.pid for c in self.containers.in_sandbox(s.id)
-                                   if c.state == _RUNNING and c.pid > 0), 0)
+                                   if c.state == ContainerState.RUNNING and c.pid > 0), 0)
         return {
             "id": s.id,
             "name": s.name,
@@ -405,55 +405,14 @@ class StatusServer:
             "root": "",
             "sandbox": s.id,
             "ip_addresses": list(s.ips),
-            "host_network": _host_network(s),
-            "state": s.state,
+            "host_network": s.host_network,
+            "state": str(s.state),
         }
 
-    async def _state(self, c: Container) -> str:
-        """The record's state, or "paused" when runc says so."""
-        if c.state not in (_CREATED, _RUNNING):
-            return c.state
-        try:
-            runc = await self.oci.state(c.id)
-        except CripyError as exc:
-            log.warning("container %s: runc state failed: %s", c.id[:12], exc)
-            return c.state
-        return PAUSED if runc is not None and runc.get("status") == PAUSED else c.state
-
-    async def _runc_status(self, c: Container) -> str:
-        runc = await self.oci.state(c.id)
-        if runc is None:
-            raise FailedPreconditionError(f"container {c.id} is not known to the runtime")
-        return str(runc.get("status", "unknown"))
-
     async def _pause(self, ident: str) -> Response:
-        c = self.containers.get(ident)
-        async with self.containers.locks.hold(c.id):
-            self.containers.refresh(c)
-            if c.state not in (_CREATED, _RUNNING):
-                raise FailedPreconditionError(
-                    f"container {c.id} is not in running or created state, now is {c.state}")
-            status = await self._runc_status(c)
-            if status not in (_CREATED, _RUNNING):
-                raise FailedPreconditionError(
-                    f"container {c.id} is not in running or created state, now is {status}")
-            await self.oci.pause(c.id)
-        log.info("container %s paused", c.id[:12])
+        c = await self.containers.pause(ident)
         return json_response({"id": c.id, "state": PAUSED})
 
     async def _unpause(self, ident: str) -> Response:
-        c = self.containers.get(ident)
-        async with self.containers.locks.hold(c.id):
-            status = await self._runc_status(c) if c.state in (_CREATED, _RUNNING) else c.state
-            if status != PAUSED:
-                raise FailedPreconditionError(
-                    f"container {c.id} is not in paused state, now is {status}")
-            await self.oci.resume(c.id)
-        log.info("container %s resumed", c.id[:12])
-        return json_response({"id": c.id, "state": c.state})
-
-
-def _host_network(sandbox: Sandbox | None) -> bool | None:
-    if sandbox is None:
-        return None
-    return bool(sandbox.options.network == pb.NODE)
+        c = await self.containers.unpause(ident)
+        return json_response({"id": c.id, "state": str(c.state)})

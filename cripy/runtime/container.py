@@ -7,14 +7,12 @@ made, so a restart after a crash can finish the cleanup.
 from __future__ import annotations
 
 import asyncio
-import base64
-import copy
+import dataclasses
 import json
 import logging
 import secrets
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ from cripy.api import api_pb2 as pb
 from cripy.config import Config
 from cripy.crashpoints import crash_point
 from cripy.errors import (
-    AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -35,52 +32,27 @@ from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_
 from cripy.runtime.events import CREATED as CREATED_EVENT
 from cripy.runtime.events import DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
-from cripy.runtime.records import RecordDir
-from cripy.runtime.sandbox import READY, Sandbox, SandboxManager
+from cripy.runtime.sandbox import READY, SandboxManager
+from cripy.runtime.store import (
+    CONTAINER_STATE_TO_PB,
+    PAUSED,
+    Container,
+    ContainerState,
+    Sandbox,
+    Store,
+)
 from cripy.storage.overlay import mount_overlay, unmount
 
 log = logging.getLogger(__name__)
 
-CREATING, CREATED, RUNNING, EXITED = "creating", "created", "running", "exited"
-STATE_TO_PB = {CREATED: pb.CONTAINER_CREATED, RUNNING: pb.CONTAINER_RUNNING,
-               EXITED: pb.CONTAINER_EXITED, CREATING: pb.CONTAINER_UNKNOWN}
-
-
-@dataclass
-class Container:
-    id: str
-    sandbox_id: str
-    config: pb.ContainerConfig
-    image_id: str
-    pod_name: str
-    created_at: int
-    log_path: str
-    stop_signal: int = signal.SIGTERM
-    state: str = CREATING
-    started_at: int = 0
-    finished_at: int = 0
-    exit_code: int = 0
-    reason: str = ""
-    message: str = ""
-    pid: int = 0
-
-    @property
-    def name(self) -> str:
-        return f"k8s_{self.config.metadata.name}_{self.pod_name}"
-
-    def to_record(self) -> dict[str, Any]:
-        record = {k: v for k, v in vars(self).items() if k != "config"}
-        record["config"] = base64.b64encode(self.config.SerializeToString()).decode()
-        return record
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Container:
-        config = pb.ContainerConfig()
-        config.ParseFromString(base64.b64decode(record.pop("config")))
-        return cls(config=config, **record)
+CREATING, CREATED, RUNNING, EXITED = (ContainerState.CREATING, ContainerState.CREATED,
+                                      ContainerState.RUNNING, ContainerState.EXITED)
+STATE_TO_PB = CONTAINER_STATE_TO_PB
 
 
 class ContainerManager:
+    """The container lifecycle controller: its state is the store's, nothing of its own."""
+
     def __init__(self, config: Config, oci: OciRuntime, images: ImageManager,
                  sandboxes: SandboxManager, events: EventBus | None = None) -> None:
         self.config = config
@@ -88,32 +60,23 @@ class ContainerManager:
         self.oci = oci
         self.images = images
         self.sandboxes = sandboxes
-        self.records = RecordDir(Path(config.root) / "containers", "container")
-        self.run_dir = Path(config.runroot) / "containers"
-        self.containers: dict[str, Container] = {}
+        root = Path(config.root)
+        self.store: Store[Container] = Store(Container, root / "containers",
+                                             root / "quarantine")
+        self._run_dir = Path(config.runroot) / "containers"
         self.locks = LockTable()
-        self._names = asyncio.Lock()
 
-    # --- lookups ------------------------------------------------------------------------
+    # --- lookups (snapshots, from memory) -----------------------------------------------
 
-    def get(self, container_id: str) -> Container:
-        if not container_id:
-            raise InvalidArgumentError("container ID is empty")
-        found = self.containers.get(container_id)
-        if found is None:
-            matches = [c for i, c in self.containers.items() if i.startswith(container_id)]
-            if len(matches) > 1:
-                raise InvalidArgumentError(f"container ID prefix {container_id!r} is ambiguous")
-            found = matches[0] if matches else None
-        if found is None or found.state == CREATING:
+    async def get(self, container_id: str) -> Container:
+        """A container by ID or unique ID prefix, with any exit noticed."""
+        found = self.store.get(container_id)
+        if found.state == CREATING:
             raise NotFoundError(f"container {container_id!r} not found")
-        self.refresh(found)
-        return found
+        return await self.refresh(found)
 
-    def matching(self, flt: pb.ContainerFilter | None) -> list[Container]:
-        result = [c for c in self.containers.values() if c.state != CREATING]
-        for container in result:
-            self.refresh(container)
+    async def matching(self, flt: pb.ContainerFilter | None) -> list[Container]:
+        result = [await self.refresh(c) for c in self.store if c.state != CREATING]
         if flt is None:
             return result
         if flt.id:
@@ -121,62 +84,106 @@ class ContainerManager:
         if flt.pod_sandbox_id:
             result = [c for c in result if c.sandbox_id.startswith(flt.pod_sandbox_id)]
         if flt.HasField("state"):
-            result = [c for c in result if STATE_TO_PB[c.state] == flt.state.state]
+            result = [c for c in result if c.pb_state == flt.state.state]
         for key, value in flt.label_selector.items():
             result = [c for c in result if c.config.labels.get(key) == value]
         return result
 
-    def get_running(self, container_id: str) -> Container:
+    async def get_running(self, container_id: str) -> Container:
         """A container that must be running for what is asked of it (exec, attach, logs)."""
-        container = self.get(container_id)
+        container = await self.get(container_id)
         if container.state != RUNNING:
             raise FailedPreconditionError(f"container {container.id} is not running")
         return container
 
+    def all(self) -> list[Container]:
+        """Every container, those being created too."""
+        return self.store.all()
+
     def in_sandbox(self, sandbox_id: str) -> list[Container]:
-        return [c for c in self.containers.values() if c.sandbox_id == sandbox_id]
+        return [c for c in self.store if c.sandbox_id == sandbox_id]
+
+    def bundle_dir(self, container_id: str) -> Path:
+        """The OCI bundle (config.json, rootfs, conmon's sockets)."""
+        return self._run_dir / container_id
+
+    def log_file(self, container: Container) -> Path:
+        """The CRI log: the kubelet's path, else one in the bundle."""
+        if container.log_path:
+            return Path(container.log_path)
+        return self.bundle_dir(container.id) / "console.log"
+
+    @property
+    def layers_root(self) -> Path:
+        """The filesystem writable layers live on."""
+        return self.store.directory
+
+    def upper_dir(self, container_id: str) -> Path:
+        """The container's writable layer."""
+        return self.store.object_dir(container_id) / "upper"
+
+    async def runtime_spec(self, container_id: str) -> dict[str, Any] | None:
+        """The OCI spec the container was created with, if readable."""
+        path = self.bundle_dir(container_id) / "config.json"
+        try:
+            spec: dict[str, Any] = json.loads(await asyncio.to_thread(path.read_bytes))
+        except (OSError, ValueError):
+            return None
+        return spec
 
     def layers_in_use(self) -> frozenset[str]:
         """Layers of every container's image: image removal must leave them."""
         used: set[str] = set()
-        for container in self.containers.values():
+        for container in self.store:
             record = self.images.store.get(container.image_id)
             if record is not None:
                 used.update(record.layers)
             used.update(self._layers_file(container.id))
         return frozenset(used)
 
-    def refresh(self, container: Container) -> None:
-        """Notice that a running container exited (conmon wrote its exit file)."""
-        if container.state not in (CREATED, RUNNING):
-            return
+    async def refresh(self, container: Container) -> Container:
+        """Notice that a live container exited (conmon wrote its exit file)."""
+        if not container.live:
+            return container
         status = self.oci.exit_status(container.id)
         if status is None:
-            return
-        container.state = EXITED
-        container.exit_code = status.exit_code
-        container.finished_at = status.finished_at
-        container.reason = ("OOMKilled" if status.oom_killed
-                            else "Completed" if status.exit_code == 0 else "Error")
-        self.records.save(container.id, container.to_record())  # small; kept synchronous
-        self._publish(STOPPED, container)
+            return container
+
+        noticed = False
+
+        def exited(c: Container) -> Container:
+            nonlocal noticed
+            if not c.live:  # someone else noticed first
+                return c
+            noticed = True
+            return dataclasses.replace(
+                c, state=EXITED, exit_code=status.exit_code, finished_at=status.finished_at,
+                reason=("OOMKilled" if status.oom_killed
+                        else "Completed" if status.exit_code == 0 else "Error"))
+
+        try:
+            updated = await self.store.update(container.id, exited)
+        except NotFoundError:  # removed meanwhile
+            return container
+        if noticed:
+            self._publish(STOPPED, updated)
+        return updated
 
     def _publish(self, kind: str, container: Container) -> None:
         """Tell subscribers, with snapshots of the pod and all its containers."""
-        sandbox = self.sandboxes.sandboxes.get(container.sandbox_id)
-        peers = [copy.copy(c) for c in self.in_sandbox(container.sandbox_id)
-                 if c.state != CREATING]
+        sandbox = self.sandboxes.find(container.sandbox_id)
+        peers = [c for c in self.in_sandbox(container.sandbox_id) if c.state != CREATING]
         self.events.publish(Event(kind, container.id, container.sandbox_id, time.time_ns(),
-                                  (copy.copy(sandbox), peers)))
+                                  (sandbox, peers)))
 
     async def watch_exits(self, interval: float = 0.25) -> None:
         """Notice exits as they happen (conmon's exit files), so events go out promptly."""
         while True:
             await asyncio.sleep(interval)
-            for container in list(self.containers.values()):
+            for container in self.store:
                 if container.state == RUNNING:
                     try:
-                        self.refresh(container)
+                        await self.refresh(container)
                     except OSError as exc:
                         log.warning("container %s: reading its exit failed: %s",
                                     container.id[:12], exc)
@@ -195,36 +202,30 @@ class ContainerManager:
             raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
         log_path = (str(validate_log_path(sandbox.config.log_directory, config.log_path))
                     if config.log_path else "")
-        async with self._names:
-            container = Container(
-                id=secrets.token_hex(32), sandbox_id=sandbox.id, config=config,
-                image_id=image.id, pod_name=sandbox.name.removeprefix("k8s_"),
-                created_at=time.time_ns(), log_path=log_path,
-            )
-            holder = next((c for c in self.containers.values() if c.name == container.name),
-                          None)
-            if holder is not None:
-                raise AlreadyExistsError(
-                    f"container name {container.name!r} is already in use by {holder.id}")
-            self.containers[container.id] = container
-            await self._save(container)
+        container = await self.store.add(Container(
+            id=secrets.token_hex(32), sandbox_id=sandbox.id, config=config,
+            image_id=image.id, pod_name=sandbox.name.removeprefix("k8s_"),
+            created_at=time.time_ns(), log_path=log_path,
+        ))
         async with self.locks.hold(container.id):
             try:
-                await self._build(container, sandbox, image.layers)
+                built = await self._build(container, sandbox, image.layers)
             except BaseException as exc:
                 log.warning("CreateContainer %s failed, cleaning up: %s", container.name, exc)
-                await asyncio.shield(self._destroy(container))
+                await asyncio.shield(self._destroy(container.id))
                 raise
-            container.state = CREATED
-            await self._save(container)
+            container = await self.store.set(container.id, state=CREATED, **built)
         self._publish(CREATED_EVENT, container)
         log.info("container %s (%s) created", container.id[:12], container.name)
         return container
 
-    async def _build(self, container: Container, sandbox: Sandbox, layers: list[str]) -> None:
+    async def _build(self, container: Container, sandbox: Sandbox, layers: list[str]
+                     ) -> dict[str, Any]:
+        """Make the rootfs, the bundle and the runc container; returns the record's new
+        fields."""
         store = self.images.store
-        record_dir = self.records.object_dir(container.id)
-        bundle = self.run_dir / container.id
+        record_dir = self.store.object_dir(container.id)
+        bundle = self.bundle_dir(container.id)
         rootfs = bundle / "rootfs"
         # The layers are noted before the mount so image GC never removes them under us.
         await asyncio.to_thread(atomic_write_json, record_dir / "layers.json", layers)
@@ -239,62 +240,64 @@ class ContainerManager:
         spec = build_container_spec(_effective_config(container.config, sandbox),
                                     sandbox.config, image_config,
                                     self.sandboxes.spec_context(sandbox, container.id, rootfs))
-        container.stop_signal = _stop_signal(image_config)
         await asyncio.to_thread(atomic_write_json, bundle / "config.json", spec)
-        log_path = Path(container.log_path) if container.log_path else bundle / "console.log"
+        log_path = self.log_file(container)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         c = container.config
-        container.pid = await self.oci.create(
+        pid = await self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
             log_size_max=self.config.runtime.log_size_max)
         crash_point("create-container-after-conmon")
+        return {"pid": pid, "stop_signal": _stop_signal(image_config)}
 
     # --- StartContainer / StopContainer / RemoveContainer -------------------------------
 
     async def start(self, container_id: str) -> None:
-        container = self.get(container_id)
+        container = await self.get(container_id)
         async with self.locks.hold(container.id):
+            container = self.store.get(container.id)
             if container.state != CREATED:
                 raise FailedPreconditionError(
                     f"container {container.id} is {container.state}, not created")
             started_at = time.time_ns()  # taken first: a quick exit must not precede it
             await self.oci.start(container.id)
             crash_point("start-container-after-start")
-            container.state = RUNNING
-            container.started_at = started_at
-            await self._save(container)
+            container = await self.store.set(container.id, state=RUNNING,
+                                             started_at=started_at)
         self._publish(STARTED, container)
         log.info("container %s started", container.id[:12])
 
     async def stop(self, container_id: str, timeout: float) -> None:
         """Signal, wait `timeout`, then SIGKILL. Stopping a stopped one succeeds."""
         try:
-            container = self.get(container_id)
+            container = await self.get(container_id)
         except NotFoundError:
             return
         async with self.locks.hold(container.id):
-            if container.state in (CREATED, RUNNING):
-                await self.oci.stop(container.id, max(timeout, 0), container.stop_signal)
-                if container.state == CREATED:  # never started: nothing will exit
-                    await self.oci.delete(container.id)
-                    container.state = EXITED
-                    container.finished_at = time.time_ns()
-                    container.exit_code = 255
-                    container.reason = "Error"
-                    container.message = "stopped before it was started"
-                    await self._save(container)
-                    self._publish(STOPPED, container)
-                self.refresh(container)
+            await self._stop_locked(container.id, timeout)
         log.info("container %s stopped", container.id[:12])
+
+    async def _stop_locked(self, container_id: str, timeout: float) -> None:
+        container = self.store.find(container_id)
+        if container is None or not container.live:
+            return
+        await self.oci.stop(container.id, max(timeout, 0), container.stop_signal)
+        if container.state == CREATED:  # never started: nothing will exit
+            await self.oci.delete(container.id)
+            container = await self.store.set(
+                container.id, state=EXITED, finished_at=time.time_ns(), exit_code=255,
+                reason="Error", message="stopped before it was started")
+            self._publish(STOPPED, container)
+        await self.refresh(container)
 
     async def remove(self, container_id: str) -> None:
         """Remove a container, killing it first if it runs. Removing what is gone succeeds."""
         try:
-            container = self.get(container_id)
+            container = await self.get(container_id)
         except NotFoundError:
             return
         async with self.locks.hold(container.id):
-            await self._destroy(container)
+            await self._destroy(container.id)
         self._publish(DELETED, container)
         log.info("container %s removed", container.id[:12])
 
@@ -304,95 +307,136 @@ class ContainerManager:
     async def remove_all_in(self, sandbox_id: str) -> None:
         await asyncio.gather(*(self.remove(c.id) for c in self.in_sandbox(sandbox_id)))
 
-    async def _destroy(self, container: Container) -> None:
+    async def _destroy(self, container_id: str) -> None:
         try:
-            await self.oci.stop(container.id, 0)
-            await self.oci.delete(container.id)
+            await self.oci.stop(container_id, 0)
+            await self.oci.delete(container_id)
         except UnavailableError as exc:
             # runc cannot even be run (missing binary): it cannot have made anything.
             log.warning("container %s: runtime unavailable during cleanup: %s",
-                        container.id[:12], exc)
-        bundle = self.run_dir / container.id
+                        container_id[:12], exc)
+        bundle = self.bundle_dir(container_id)
         await unmount(bundle / "rootfs")
         await asyncio.to_thread(remove_tree, bundle)
-        await asyncio.to_thread(remove_tree, self.records.object_dir(container.id))
-        self.containers.pop(container.id, None)
+        await self.store.delete(container_id)
 
     # --- other operations ---------------------------------------------------------------
 
     async def update_resources(self, container_id: str,
                                resources: pb.LinuxContainerResources) -> None:
         """Apply new limits; ContainerStatus reports them from then on."""
-        container = self.get(container_id)
+        container = await self.get(container_id)
         async with self.locks.hold(container.id):
-            if container.state not in (CREATED, RUNNING):
+            container = self.store.get(container.id)
+            if not container.live:
                 raise FailedPreconditionError(f"container {container.id} is not running")
             await self.oci.update(container.id, resources_to_oci(resources))
-            container.config.linux.resources.CopyFrom(resources)
-            await self._save(container)
+            config = pb.ContainerConfig()
+            config.CopyFrom(container.config)
+            config.linux.resources.CopyFrom(resources)
+            await self.store.set(container.id, config=config)
 
     async def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None
                         ) -> ExecResult:
-        container = self.get_running(container_id)
+        container = await self.get_running(container_id)
         if not cmd:
             raise InvalidArgumentError("exec command is empty")
         return await self.oci.exec_sync(container.id, cmd, timeout=timeout)
 
     async def reopen_log(self, container_id: str) -> None:
-        container = self.get_running(container_id)
+        container = await self.get_running(container_id)
         await self.oci.reopen_log(container.id)
 
-    # --- persistence and start-up -------------------------------------------------------
+    async def runtime_status(self, container: Container) -> str:
+        """The container's state, or "paused" when the OCI runtime says so."""
+        if not container.live:
+            return str(container.state)
+        runc = await self.oci.state(container.id)
+        return PAUSED if runc is not None and runc.get("status") == PAUSED \
+            else str(container.state)
 
-    async def _save(self, container: Container) -> None:
-        await asyncio.to_thread(self.records.save, container.id, container.to_record())
+    async def pause(self, container_id: str) -> Container:
+        """Freeze a created or running container (not a state of the record)."""
+        container = await self.get(container_id)
+        async with self.locks.hold(container.id):
+            container = await self.refresh(self.store.get(container.id))
+            if not container.live:
+                raise FailedPreconditionError(
+                    f"container {container.id} is not in running or created state, "
+                    f"now is {container.state}")
+            status = await self._oci_status(container)
+            if status not in (CREATED, RUNNING):
+                raise FailedPreconditionError(
+                    f"container {container.id} is not in running or created state, "
+                    f"now is {status}")
+            await self.oci.pause(container.id)
+        log.info("container %s paused", container.id[:12])
+        return container
+
+    async def unpause(self, container_id: str) -> Container:
+        """Thaw a paused container."""
+        container = await self.get(container_id)
+        async with self.locks.hold(container.id):
+            container = self.store.get(container.id)
+            status = await self._oci_status(container) if container.live \
+                else str(container.state)
+            if status != PAUSED:
+                raise FailedPreconditionError(
+                    f"container {container.id} is not in paused state, now is {status}")
+            await self.oci.resume(container.id)
+        log.info("container %s resumed", container.id[:12])
+        return container
+
+    async def _oci_status(self, container: Container) -> str:
+        runc = await self.oci.state(container.id)
+        if runc is None:
+            raise FailedPreconditionError(
+                f"container {container.id} is not known to the runtime")
+        return str(runc.get("status", "unknown"))
+
+    # --- persistence and start-up -------------------------------------------------------
 
     def _layers_file(self, container_id: str) -> list[str]:
         try:
             layers: list[str] = json.loads(
-                (self.records.object_dir(container_id) / "layers.json").read_text())
+                (self.store.object_dir(container_id) / "layers.json").read_text())
         except (OSError, ValueError):
             return []
         return layers
 
     async def recover(self) -> None:
         """Load the records; finish off containers a crash left half made; notice exits."""
-        for container_id, record in await asyncio.to_thread(
-                lambda: list(self.records.load_all())):
-            if record is None:
-                await self._destroy_leftover(container_id)
+        for loaded in await self.store.load():
+            container = loaded.obj
+            if container is None:
+                await self._destroy_leftover(loaded.id)
                 continue
-            container = Container.from_record(record)
-            self.containers[container.id] = container
-            if container.state == CREATING or container.sandbox_id not in \
-                    self.sandboxes.sandboxes:
+            if container.state == CREATING or \
+                    self.sandboxes.find(container.sandbox_id) is None:
                 log.info("container %s was being created at the crash: removing it",
-                         container_id[:12])
-                await self._destroy(container)
+                         loaded.id[:12])
+                await self._destroy(container.id)
                 continue
-            self.refresh(container)
-            if container.state not in (CREATED, RUNNING):
+            container = await self.refresh(container)
+            if not container.live:
                 continue
             state = await self.oci.state(container.id)
             if state is not None and state.get("status") == "running" and \
                     container.state == CREATED:
                 # Started just before the crash, not yet recorded as such.
-                container.state = RUNNING
-                container.started_at = time.time_ns()
-                await self._save(container)
+                await self.store.set(container.id, state=RUNNING, started_at=time.time_ns())
             elif state is None:
-                container.state = EXITED
-                container.exit_code = 255
-                container.reason = "Error"
-                container.message = "the container was lost (node reboot?)"
-                container.finished_at = time.time_ns()
-                await self._save(container)
+                await self.store.set(
+                    container.id, state=EXITED, exit_code=255, reason="Error",
+                    message="the container was lost (node reboot?)",
+                    finished_at=time.time_ns())
 
     async def _destroy_leftover(self, container_id: str) -> None:
         await self.oci.delete(container_id)
-        await unmount(self.run_dir / container_id / "rootfs")
-        await asyncio.to_thread(remove_tree, self.run_dir / container_id)
-        await asyncio.to_thread(remove_tree, self.records.object_dir(container_id))
+        await unmount(self.bundle_dir(container_id) / "rootfs")
+        await asyncio.to_thread(remove_tree, self.bundle_dir(container_id))
+        await asyncio.to_thread(remove_tree, self.store.object_dir(container_id))
+
 
 
 def _effective_config(config: pb.ContainerConfig, sandbox: Sandbox) -> pb.ContainerConfig:

@@ -8,8 +8,6 @@ a restart after a crash knows what to clean up; it turns "ready" once all is in 
 from __future__ import annotations
 
 import asyncio
-import base64
-import copy
 import ipaddress
 import json
 import logging
@@ -17,7 +15,6 @@ import secrets
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +22,6 @@ from cripy.api import api_pb2 as pb
 from cripy.config import Config
 from cripy.crashpoints import crash_point
 from cripy.errors import (
-    AlreadyExistsError,
     CripyError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -39,7 +35,7 @@ from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
 from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
 from cripy.runtime.podfiles import pod_hostname, write_pod_files
-from cripy.runtime.records import RecordDir
+from cripy.runtime.store import PodState, Sandbox, Store
 from cripy.storage.overlay import mount_tmpfs, unmount
 
 if TYPE_CHECKING:
@@ -47,92 +43,44 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CREATING, READY, NOTREADY = "creating", "ready", "notready"
+CREATING, READY, NOTREADY = PodState.CREATING, PodState.READY, PodState.NOTREADY
 SHM_OPTIONS = "nosuid,nodev,noexec,mode=1777,size=65536k"
 INFRA_STOP_TIMEOUT = 2.0
 _PROTOCOLS = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
 
 
-@dataclass
-class Sandbox:
-    id: str
-    config: pb.PodSandboxConfig
-    runtime_handler: str
-    created_at: int
-    state: str = CREATING
-    ips: list[str] = field(default_factory=list)
-    namespaces: dict[str, str] = field(default_factory=dict)  # kind -> pinned file
-    infra_pid: int | None = None
-
-    @property
-    def name(self) -> str:
-        m = self.config.metadata
-        return f"k8s_{m.name}_{m.namespace}_{m.uid}_{m.attempt}"
-
-    @property
-    def options(self) -> pb.NamespaceOption:
-        return self.config.linux.security_context.namespace_options
-
-    @property
-    def shares_pid(self) -> bool:
-        return self.options.pid == pb.POD
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "config": base64.b64encode(self.config.SerializeToString()).decode(),
-            "runtime_handler": self.runtime_handler,
-            "created_at": self.created_at,
-            "state": self.state,
-            "ips": self.ips,
-            "namespaces": self.namespaces,
-            "infra_pid": self.infra_pid,
-        }
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Sandbox:
-        config = pb.PodSandboxConfig()
-        config.ParseFromString(base64.b64decode(record["config"]))
-        return cls(
-            id=record["id"], config=config, runtime_handler=record["runtime_handler"],
-            created_at=record["created_at"], state=record["state"], ips=record["ips"],
-            namespaces=record["namespaces"], infra_pid=record.get("infra_pid"),
-        )
-
-
 class SandboxManager:
+    """The pod lifecycle controller: its state is the store's, nothing of its own."""
+
     def __init__(self, config: Config, oci: OciRuntime, cni: CNIManager,
                  events: EventBus | None = None) -> None:
         self.config = config
         self.events = events or EventBus()
         self.oci = oci
         self.cni = cni
-        self.records = RecordDir(Path(config.root) / "pods", "pod")
+        root = Path(config.root)
+        self.store: Store[Sandbox] = Store(Sandbox, root / "pods", root / "quarantine")
         self.run_dir = Path(config.runroot) / "pods"
         self.infra_rootfs = Path(config.runroot) / "infra-rootfs"
-        self.sandboxes: dict[str, Sandbox] = {}
         self.locks = LockTable()
-        self._names = asyncio.Lock()
         self.containers: ContainerManager  # set by the daemon once both exist
 
-    # --- lookups ------------------------------------------------------------------------
+    # --- lookups (snapshots, from memory) -----------------------------------------------
 
     def get(self, sandbox_id: str) -> Sandbox:
         """A sandbox by ID or unique ID prefix."""
-        if not sandbox_id:
-            raise InvalidArgumentError("pod sandbox ID is empty")
-        found = self.sandboxes.get(sandbox_id)
-        if found is None:
-            matches = [s for i, s in self.sandboxes.items() if i.startswith(sandbox_id)]
-            if len(matches) > 1:
-                raise InvalidArgumentError(f"pod sandbox ID prefix {sandbox_id!r} is ambiguous")
-            if not matches:
-                raise NotFoundError(f"pod sandbox {sandbox_id!r} not found")
-            found = matches[0]
-        return found
+        return self.store.get(sandbox_id)
+
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        """The sandbox with exactly this ID, if any."""
+        return self.store.find(sandbox_id)
+
+    def all(self) -> list[Sandbox]:
+        """Every sandbox, those being created too."""
+        return self.store.all()
 
     def matching(self, flt: pb.PodSandboxFilter | None) -> list[Sandbox]:
-        result = [s for s in self.sandboxes.values() if s.state != CREATING]
+        result = [s for s in self.store if s.state != CREATING]
         if flt is None:
             return result
         if flt.id:
@@ -151,31 +99,25 @@ class SandboxManager:
 
     async def run(self, config: pb.PodSandboxConfig, runtime_handler: str) -> Sandbox:
         _validate(config, runtime_handler)
-        async with self._names:
-            sandbox = Sandbox(id=secrets.token_hex(32), config=config,
-                              runtime_handler=runtime_handler, created_at=time.time_ns())
-            holder = next((s for s in self.sandboxes.values() if s.name == sandbox.name), None)
-            if holder is not None:
-                raise AlreadyExistsError(
-                    f"pod sandbox name {sandbox.name!r} is already in use by {holder.id}"
-                )
-            self.sandboxes[sandbox.id] = sandbox
-            await self._save(sandbox)
+        sandbox = await self.store.add(Sandbox(
+            id=secrets.token_hex(32), config=config, runtime_handler=runtime_handler,
+            created_at=time.time_ns()))
         async with self.locks.hold(sandbox.id):
             try:
-                await self._build(sandbox)
+                built = await self._build(sandbox)
             except BaseException as exc:
                 log.warning("RunPodSandbox %s failed, cleaning up: %s", sandbox.name, exc)
-                await asyncio.shield(self._destroy(sandbox))
+                await asyncio.shield(self._destroy(sandbox.id))
                 raise
-            sandbox.state = READY
-            await self._save(sandbox)
+            sandbox = await self.store.set(sandbox.id, state=READY, **built)
         self._publish(CREATED, sandbox)
         self._publish(STARTED, sandbox)
-        log.info("pod %s (%s) ready, ips %s", sandbox.id[:12], sandbox.name, sandbox.ips)
+        log.info("pod %s (%s) ready, ips %s", sandbox.id[:12], sandbox.name, list(sandbox.ips))
         return sandbox
 
-    async def _build(self, sandbox: Sandbox) -> None:
+    async def _build(self, sandbox: Sandbox) -> dict[str, Any]:
+        """Make the pod's namespaces, network and files; returns the record's new fields
+        (the pinned namespaces are recorded at once, so a crash can give them back)."""
         config, options = sandbox.config, sandbox.options
         pod_dir = self.pod_dir(sandbox.id)
         pod_dir.mkdir(parents=True, exist_ok=True)
@@ -190,22 +132,23 @@ class SandboxManager:
         if kinds:
             pinned = await pin_namespaces(pod_dir / "ns", kinds,
                                           hostname if "uts" in kinds else None)
-            sandbox.namespaces = {kind: str(path) for kind, path in pinned.items()}
-            await self._save(sandbox)
+            sandbox = await self.store.set(
+                sandbox.id, namespaces={kind: str(path) for kind, path in pinned.items()})
             crash_point("run-pod-after-namespaces")
         if options.ipc != pb.NODE:
             await mount_tmpfs(pod_dir / "shm", SHM_OPTIONS)
+        ips: list[str] = []
         if options.network != pb.NODE:
             network = await self.cni.setup(
                 sandbox.id, Path(sandbox.namespaces["net"]),
                 pod_name=config.metadata.name, pod_namespace=config.metadata.namespace,
                 pod_uid=config.metadata.uid, port_mappings=_port_mappings(config),
             )
-            sandbox.ips = network.ips
+            ips = list(network.ips)
             crash_point("run-pod-after-network")
-        write_pod_files(pod_dir, config, hostname, sandbox.ips[0] if sandbox.ips else None)
-        if sandbox.shares_pid:
-            sandbox.infra_pid = await self._start_infra(sandbox)
+        write_pod_files(pod_dir, config, hostname, ips[0] if ips else None)
+        infra_pid = await self._start_infra(sandbox) if sandbox.shares_pid else None
+        return {"ips": tuple(ips), "infra_pid": infra_pid}
 
     async def _start_infra(self, sandbox: Sandbox) -> int:
         """catatonit as the PID 1 every container of the pod shares."""
@@ -262,10 +205,9 @@ class SandboxManager:
         crash_point("stop-pod-after-containers")
         async with self.locks.hold(sandbox.id):
             await self._release(sandbox)
-            if sandbox.state != NOTREADY:
-                sandbox.state = NOTREADY
-                await self._save(sandbox)
-                self._publish(STOPPED, sandbox)
+            current = self.find(sandbox.id)
+            if current is not None and current.state != NOTREADY:
+                self._publish(STOPPED, await self._mark_not_ready(current))
         log.info("pod %s stopped", sandbox.id[:12])
 
     async def remove(self, sandbox_id: str) -> None:
@@ -275,9 +217,13 @@ class SandboxManager:
             return
         await self.containers.remove_all_in(sandbox.id)
         async with self.locks.hold(sandbox.id):
-            await self._destroy(sandbox)
+            await self._destroy(sandbox.id)
         self._publish(DELETED, sandbox)
         log.info("pod %s removed", sandbox.id[:12])
+
+    async def _mark_not_ready(self, sandbox: Sandbox) -> Sandbox:
+        """READY -> NOTREADY; a pod a crash left in CREATING never was ready, and leaves."""
+        return await self.store.set(sandbox.id, state=NOTREADY)
 
     async def _release(self, sandbox: Sandbox) -> None:
         """Give back what a running pod holds; safe to repeat and after a crash."""
@@ -291,24 +237,22 @@ class SandboxManager:
         await unmount(pod_dir / "shm")
         await unpin_namespaces(pod_dir / "ns")
 
-    async def _destroy(self, sandbox: Sandbox) -> None:
-        try:
-            await self._release(sandbox)
-        except CripyError as exc:
-            log.warning("pod %s: releasing resources failed: %s", sandbox.id[:12], exc)
-            raise
-        await asyncio.to_thread(remove_tree, self.pod_dir(sandbox.id))
-        await asyncio.to_thread(remove_tree, self.records.object_dir(sandbox.id))
-        self.sandboxes.pop(sandbox.id, None)
+    async def _destroy(self, sandbox_id: str) -> None:
+        sandbox = self.find(sandbox_id)
+        if sandbox is not None:
+            try:
+                await self._release(sandbox)
+            except CripyError as exc:
+                log.warning("pod %s: releasing resources failed: %s", sandbox_id[:12], exc)
+                raise
+        await asyncio.to_thread(remove_tree, self.pod_dir(sandbox_id))
+        await self.store.delete(sandbox_id)
 
     def _publish(self, kind: str, sandbox: Sandbox) -> None:
         """Pod events carry the sandbox ID as the container ID, as other runtimes do."""
-        peers = [copy.copy(c) for c in self.containers.in_sandbox(sandbox.id)]
+        peers = self.containers.in_sandbox(sandbox.id)
         self.events.publish(Event(kind, sandbox.id, sandbox.id, time.time_ns(),
-                                  (copy.copy(sandbox), peers)))
-
-    async def _save(self, sandbox: Sandbox) -> None:
-        await asyncio.to_thread(self.records.save, sandbox.id, sandbox.to_record())
+                                  (sandbox, peers)))
 
     # --- runtime configuration ----------------------------------------------------------
 
@@ -332,25 +276,35 @@ class SandboxManager:
     async def recover(self) -> None:
         """Load the records; finish off pods a crash left half made."""
         try:
-            saved = json.loads(self._runtime_config_path.read_text())
+            saved = json.loads(await asyncio.to_thread(self._runtime_config_path.read_text))
             self.cni.pod_cidr = str(saved.get("pod_cidr", ""))
         except (OSError, ValueError):
             pass
-        for sandbox_id, record in await asyncio.to_thread(lambda: list(self.records.load_all())):
-            if record is None:
-                await asyncio.to_thread(remove_tree, self.records.object_dir(sandbox_id))
-                continue
-            sandbox = Sandbox.from_record(record)
-            self.sandboxes[sandbox.id] = sandbox
-            if sandbox.state == CREATING:
-                log.info("pod %s was being created at the crash: removing it", sandbox_id[:12])
-                await self._destroy(sandbox)
-            elif sandbox.state == READY and not _namespaces_alive(sandbox):
+        for loaded in await self.store.load():
+            sandbox = loaded.obj
+            if sandbox is None:
+                await self._destroy_leftover(loaded.id)
+            elif sandbox.state == CREATING:
+                log.info("pod %s was being created at the crash: removing it", loaded.id[:12])
+                await self._destroy(sandbox.id)
+            elif sandbox.state == READY and not await asyncio.to_thread(
+                    _namespaces_alive, sandbox):
                 log.info("pod %s lost its namespaces (reboot?): marking it not ready",
-                         sandbox_id[:12])
+                         loaded.id[:12])
                 await self._release(sandbox)
-                sandbox.state = NOTREADY
-                await self._save(sandbox)
+                await self._mark_not_ready(sandbox)
+
+    async def _destroy_leftover(self, sandbox_id: str) -> None:
+        """A pod directory without a usable record: give back what it may hold."""
+        pod_dir = self.pod_dir(sandbox_id)
+        try:
+            await self.cni.teardown(sandbox_id, None)
+        except CripyError as exc:
+            log.warning("pod %s: network teardown failed: %s", sandbox_id[:12], exc)
+        await unmount(pod_dir / "shm")
+        await unpin_namespaces(pod_dir / "ns")
+        await asyncio.to_thread(remove_tree, pod_dir)
+        await asyncio.to_thread(remove_tree, self.store.object_dir(sandbox_id))
 
 
 def _namespaces_alive(sandbox: Sandbox) -> bool:

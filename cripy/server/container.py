@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import DeadlineExceededError
-from cripy.runtime.container import STATE_TO_PB, Container, ContainerManager
+from cripy.runtime.container import ContainerManager
+from cripy.runtime.store import Container
 from cripy.server.rpc import Context, rpc
 
 
 def container_status(c: Container) -> pb.ContainerStatus:
     return pb.ContainerStatus(
-        id=c.id, metadata=c.config.metadata, state=STATE_TO_PB[c.state],
+        id=c.id, metadata=c.config.metadata, state=c.pb_state,
         created_at=c.created_at, started_at=c.started_at, finished_at=c.finished_at,
         exit_code=c.exit_code, image=c.config.image, image_ref=c.image_id,
         reason=c.reason, message=c.message, labels=c.config.labels,
@@ -64,32 +64,25 @@ class ContainerRpcs:
         return pb.ListContainersResponse(containers=[
             pb.Container(
                 id=c.id, pod_sandbox_id=c.sandbox_id, metadata=c.config.metadata,
-                image=c.config.image, image_ref=c.image_id, state=STATE_TO_PB[c.state],
+                image=c.config.image, image_ref=c.image_id, state=c.pb_state,
                 created_at=c.created_at, labels=c.config.labels,
                 annotations=c.config.annotations, image_id=c.image_id,
             )
-            for c in self.containers.matching(flt)
+            for c in await self.containers.matching(flt)
         ])
 
     @rpc
     async def ContainerStatus(
         self, request: pb.ContainerStatusRequest, context: Context
     ) -> pb.ContainerStatusResponse:
-        c = self.containers.get(request.container_id)
+        c = await self.containers.get(request.container_id)
         status = container_status(c)
         info = {}
         if request.verbose:
-            info["info"] = json.dumps(self._verbose_info(c))
+            info["info"] = json.dumps({
+                "id": c.id, "sandboxID": c.sandbox_id, "pid": c.pid, "name": c.name,
+                "runtimeSpec": await self.containers.runtime_spec(c.id)})
         return pb.ContainerStatusResponse(status=status, info=info)
-
-    def _verbose_info(self, c: Container) -> dict[str, object]:
-        spec_path = self.containers.run_dir / c.id / "config.json"
-        try:
-            spec = json.loads(Path(spec_path).read_text())
-        except (OSError, ValueError):
-            spec = None
-        return {"id": c.id, "sandboxID": c.sandbox_id, "pid": c.pid, "name": c.name,
-                "runtimeSpec": spec}
 
     @rpc
     async def UpdateContainerResources(

@@ -8,12 +8,13 @@ import time
 from google.protobuf.json_format import MessageToDict
 
 from cripy.api import api_pb2 as pb
-from cripy.runtime.sandbox import READY, Sandbox, SandboxManager
+from cripy.runtime.sandbox import SandboxManager
+from cripy.runtime.store import PodState, Sandbox
 from cripy.server.rpc import Context, rpc
 
 
 def sandbox_state(sandbox: Sandbox) -> pb.PodSandboxState:
-    return pb.SANDBOX_READY if sandbox.state == READY else pb.SANDBOX_NOTREADY
+    return pb.SANDBOX_READY if sandbox.state == PodState.READY else pb.SANDBOX_NOTREADY
 
 
 def pod_status(sandbox: Sandbox) -> pb.PodSandboxStatus:
@@ -72,7 +73,7 @@ class SandboxRpcs:
                 "id": sandbox.id,
                 "name": sandbox.name,
                 "pid": sandbox.infra_pid,
-                "namespaces": sandbox.namespaces,
+                "namespaces": dict(sandbox.namespaces),
                 "config": MessageToDict(config),
             })
         return pb.PodSandboxStatusResponse(status=status, info=info, timestamp=time.time_ns())

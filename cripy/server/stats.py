@@ -16,8 +16,8 @@ from pathlib import Path
 
 from cripy.api import api_pb2 as pb
 from cripy.oci.spec import DEFAULT_CGROUP_PARENT, cgroups_path
-from cripy.runtime.container import CREATED, CREATING, RUNNING, Container, ContainerManager
-from cripy.runtime.sandbox import READY, Sandbox, SandboxManager
+from cripy.runtime.container import ContainerManager
+from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.stats import (
     CgroupStats,
     CpuRates,
@@ -28,6 +28,7 @@ from cripy.runtime.stats import (
     read_cgroup_stats,
     read_net_dev,
 )
+from cripy.runtime.store import Container, ContainerState, PodState, Sandbox
 from cripy.server.rpc import Context, rpc
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class _PodSample:
 def _container_ref(c: Container, sandbox: Sandbox | None, containers: ContainerManager
                    ) -> _ContainerRef:
     cgroup = None
-    if sandbox is not None and c.state in (CREATED, RUNNING):
+    if sandbox is not None and c.live:
         cgroup = cgroups_path(sandbox.config, c.id)
     meta = sandbox.config.metadata if sandbox is not None else pb.PodSandboxMetadata()
     return _ContainerRef(
@@ -94,8 +95,8 @@ def _container_ref(c: Container, sandbox: Sandbox | None, containers: ContainerM
                                           labels=c.config.labels,
                                           annotations=c.config.annotations),
         cgroup=cgroup,
-        upper=containers.records.object_dir(c.id) / "upper",
-        mountpoint=str(containers.records.directory),
+        upper=containers.upper_dir(c.id),
+        mountpoint=str(containers.layers_root),
         labels=(c.config.metadata.name, c.id, c.config.image.image, c.name, meta.namespace,
                 meta.name),
         resources=c.config.linux.resources,
@@ -109,7 +110,7 @@ def _pod_cgroup(sandbox: Sandbox, sandboxes: SandboxManager) -> str | None:
     parent = sandbox.config.linux.cgroup_parent.rstrip("/")
     if not parent or parent == DEFAULT_CGROUP_PARENT.rstrip("/"):
         return None
-    for other in sandboxes.sandboxes.values():
+    for other in sandboxes.all():
         if other.id != sandbox.id and \
                 other.config.linux.cgroup_parent.rstrip("/") == parent:
             return None
@@ -381,35 +382,36 @@ class StatsRpcs:
     sandboxes: SandboxManager
 
     def _container_ref(self, c: Container) -> _ContainerRef:
-        return _container_ref(c, self.sandboxes.sandboxes.get(c.sandbox_id), self.containers)
+        return _container_ref(c, self.sandboxes.find(c.sandbox_id), self.containers)
 
     def _pod_ref(self, sandbox: Sandbox) -> _PodRef:
         meta = sandbox.config.metadata
-        netns = sandbox.namespaces.get("net") if sandbox.state == READY else None
+        ready = sandbox.state == PodState.READY
+        netns = sandbox.namespaces.get("net") if ready else None
         return _PodRef(
             id=sandbox.id,
             attributes=pb.PodSandboxAttributes(id=sandbox.id, metadata=meta,
                                                labels=sandbox.config.labels,
                                                annotations=sandbox.config.annotations),
             netns=netns,
-            cgroup=_pod_cgroup(sandbox, self.sandboxes) if sandbox.state == READY else None,
+            cgroup=_pod_cgroup(sandbox, self.sandboxes) if ready else None,
             labels=(POD_CONTAINER_LABEL, sandbox.id, "", sandbox.name, meta.namespace,
                     meta.name),
             containers=[self._container_ref(c) for c in self.containers.in_sandbox(sandbox.id)
-                        if c.state != CREATING],
+                        if c.state != ContainerState.CREATING],
         )
 
     def _prune(self) -> None:
         """Forget cached samples of removed containers and pods."""
-        live = set(self.containers.containers)
+        live = {c.id for c in self.containers.all()}
         layer_cache.prune(live)
-        cpu_rates.prune(live | {f"pod/{i}" for i in self.sandboxes.sandboxes})
+        cpu_rates.prune(live | {f"pod/{s.id}" for s in self.sandboxes.all()})
 
     @rpc
     async def ContainerStats(
         self, request: pb.ContainerStatsRequest, context: Context
     ) -> pb.ContainerStatsResponse:
-        ref = self._container_ref(self.containers.get(request.container_id))
+        ref = self._container_ref(await self.containers.get(request.container_id))
         sample = await asyncio.to_thread(_sample_container, ref)
         return pb.ContainerStatsResponse(stats=_container_stats(sample))
 
@@ -418,7 +420,7 @@ class StatsRpcs:
         self, request: pb.ListContainerStatsRequest, context: Context
     ) -> pb.ListContainerStatsResponse:
         flt = request.filter
-        refs = [self._container_ref(c) for c in self.containers.matching(pb.ContainerFilter(
+        refs = [self._container_ref(c) for c in await self.containers.matching(pb.ContainerFilter(
             id=flt.id, pod_sandbox_id=flt.pod_sandbox_id, label_selector=flt.label_selector))]
         self._prune()
         samples = await asyncio.to_thread(lambda: [_sample_container(r) for r in refs])
@@ -467,8 +469,7 @@ class StatsRpcs:
 
 async def container_filesystems(containers: ContainerManager) -> list[pb.FilesystemUsage]:
     """ImageFsInfo's container_filesystems: all writable layers, on `<root>/containers`."""
-    refs = [(c.id, containers.records.object_dir(c.id) / "upper")
-            for c in containers.containers.values()]
+    refs = [(c.id, containers.upper_dir(c.id)) for c in containers.all()]
 
     def measure() -> list[LayerUsage]:
         return [layer_cache.get(key, upper) for key, upper in refs]
@@ -476,7 +477,7 @@ async def container_filesystems(containers: ContainerManager) -> list[pb.Filesys
     usages = await asyncio.to_thread(measure)
     return [pb.FilesystemUsage(
         timestamp=time.time_ns(),
-        fs_id=pb.FilesystemIdentifier(mountpoint=str(containers.records.directory)),
+        fs_id=pb.FilesystemIdentifier(mountpoint=str(containers.layers_root)),
         used_bytes=_u64(sum(u.used_bytes for u in usages)),
         inodes_used=_u64(sum(u.inodes_used for u in usages)),
     )]

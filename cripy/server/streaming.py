@@ -6,7 +6,8 @@ from __future__ import annotations
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError
 from cripy.runtime.container import ContainerManager
-from cripy.runtime.sandbox import READY, SandboxManager
+from cripy.runtime.sandbox import SandboxManager
+from cripy.runtime.store import PodState
 from cripy.server.rpc import Context, rpc
 from cripy.streaming.server import StreamingServer
 from cripy.streaming.session import AttachTarget, ExecTarget, PortForwardTarget
@@ -29,7 +30,7 @@ class StreamingRpcs:
         _streams(request.tty, request.stdin, request.stdout, request.stderr)
         if not request.cmd:
             raise InvalidArgumentError("exec command is empty")
-        container = self.containers.get_running(request.container_id)
+        container = await self.containers.get_running(request.container_id)
         target = ExecTarget(container.id, list(request.cmd), request.tty, request.stdin,
                             request.stdout, request.stderr)
         return pb.ExecResponse(url=self.streaming.url_for(target))
@@ -37,7 +38,7 @@ class StreamingRpcs:
     @rpc
     async def Attach(self, request: pb.AttachRequest, context: Context) -> pb.AttachResponse:
         _streams(request.tty, request.stdin, request.stdout, request.stderr)
-        container = self.containers.get_running(request.container_id)
+        container = await self.containers.get_running(request.container_id)
         target = AttachTarget(container.id, request.tty, request.stdin, request.stdout,
                               request.stderr)
         return pb.AttachResponse(url=self.streaming.url_for(target))
@@ -47,7 +48,7 @@ class StreamingRpcs:
         self, request: pb.PortForwardRequest, context: Context
     ) -> pb.PortForwardResponse:
         sandbox = self.sandboxes.get(request.pod_sandbox_id)
-        if sandbox.state != READY:
+        if sandbox.state != PodState.READY:
             raise FailedPreconditionError(f"pod sandbox {sandbox.id} is not ready")
         for port in request.port:
             if not 0 < port < 65536:

@@ -65,7 +65,8 @@ from cripy.oci.runtime import (
     runc_message,
 )
 from cripy.runtime.container import ContainerManager
-from cripy.runtime.sandbox import READY, SandboxManager
+from cripy.runtime.sandbox import SandboxManager
+from cripy.runtime.store import PodState
 from cripy.streaming.session import (
     AttachTarget,
     ExecTarget,
@@ -116,8 +117,8 @@ class RuntimeStreamBackend:
         if not target.cmd:
             return Outcome(error="exec needs a command")
         try:
-            container = self.containers.get_running(target.container_id)
-            bundle = self.containers.run_dir / container.id
+            container = await self.containers.get_running(target.container_id)
+            bundle = self.containers.bundle_dir(container.id)
             process = exec_process(load_config(bundle), target.cmd, None, None, target.tty)
         except CripyError as exc:
             return Outcome(error=str(exc))
@@ -253,11 +254,11 @@ class RuntimeStreamBackend:
 
     async def attach(self, target: AttachTarget, session: StreamSession) -> Outcome:
         try:
-            container = self.containers.get_running(target.container_id)
+            container = await self.containers.get_running(target.container_id)
         except CripyError as exc:
             return Outcome(error=str(exc))
         cid = container.id
-        bundle = self.containers.run_dir / cid
+        bundle = self.containers.bundle_dir(cid)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
@@ -317,7 +318,7 @@ class RuntimeStreamBackend:
             raise InvalidArgumentError(f"port {port} was not requested for pod "
                                        f"{target.sandbox_id}")
         sandbox = self.sandboxes.get(target.sandbox_id)
-        if sandbox.state != READY:
+        if sandbox.state != PodState.READY:
             raise FailedPreconditionError(f"pod sandbox {sandbox.id} is not ready")
         netns = sandbox.namespaces.get("net")  # None: host network, so the host's localhost
         try:

@@ -22,12 +22,18 @@ def value(name: str, labels: dict[str, str] | None = None,
     return 0.0 if found is None else found
 
 
+class FakeManager:
+    """What StateCollector reads of a manager: `all()` snapshots with a state."""
+
+    def __init__(self, states: list[str]) -> None:
+        self.items = [SimpleNamespace(state=s) for s in states]
+
+    def all(self) -> list[SimpleNamespace]:
+        return list(self.items)
+
+
 def fake_managers(container_states: list[str], pod_states: list[str]) -> tuple[Any, Any]:
-    containers = SimpleNamespace(containers={
-        f"c{i}": SimpleNamespace(state=s) for i, s in enumerate(container_states)})
-    sandboxes = SimpleNamespace(sandboxes={
-        f"p{i}": SimpleNamespace(state=s) for i, s in enumerate(pod_states)})
-    return cast(Any, containers), cast(Any, sandboxes)
+    return cast(Any, FakeManager(container_states)), cast(Any, FakeManager(pod_states))
 
 
 def free_port() -> int:
@@ -86,8 +92,8 @@ def test_state_gauges_are_counted_at_scrape_time() -> None:
     assert gauge("cripy_pods", "ready") == 1
     assert gauge("cripy_pods", "notready") == 1
     assert gauge("cripy_pods", "creating") == 0
-    containers.containers["c9"] = SimpleNamespace(state="created")
-    del sandboxes.sandboxes["p1"]
+    containers.items.append(SimpleNamespace(state="created"))
+    del sandboxes.items[1]
     assert gauge("cripy_containers", "created") == 1
     assert gauge("cripy_pods", "notready") == 0
     text = generate_latest(registry).decode()
@@ -150,9 +156,10 @@ def test_metrics_server_start_failure_unregisters() -> None:
     asyncio.run(main())
 
 
-def test_state_names_match_the_runtime() -> None:
-    from cripy.runtime import container, sandbox
+def test_every_state_of_the_store_is_exported() -> None:
+    from cripy.runtime.store import ContainerState, PodState
 
-    assert metrics.CONTAINER_STATES == (container.CREATING, container.CREATED,
-                                        container.RUNNING, container.EXITED)
-    assert metrics.POD_STATES == (sandbox.CREATING, sandbox.READY, sandbox.NOTREADY)
+    assert metrics.CONTAINER_STATES == ("creating", "created", "running", "exited")
+    assert set(metrics.CONTAINER_STATES) == set(ContainerState)
+    assert metrics.POD_STATES == ("creating", "ready", "notready")
+    assert set(metrics.POD_STATES) == set(PodState)

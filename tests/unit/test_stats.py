@@ -17,7 +17,6 @@ from cripy.api import api_pb2 as pb
 from cripy.fsutil import disk_usage
 from cripy.network.namespaces import pin_namespaces, unpin_namespaces
 from cripy.runtime.container import ContainerManager
-from cripy.runtime.records import RecordDir
 from cripy.runtime.stats import (
     CgroupStats,
     CpuRates,
@@ -496,14 +495,14 @@ def test_pod_stats_message_and_metrics_follow_the_descriptors() -> None:
 
 
 def test_container_filesystems_sums_every_writable_layer(tmp_path: Path) -> None:
-    records = RecordDir(tmp_path / "containers", "container")
+    root = tmp_path / "containers"
     for cid, size in (("a" * 64, 64 * 1024), ("b" * 64, 128 * 1024)):
-        upper = records.object_dir(cid) / "upper"
+        upper = root / cid / "upper"
         upper.mkdir(parents=True)
         (upper / "file").write_bytes(b"x" * size)
     manager = cast(ContainerManager, SimpleNamespace(
-        records=records, containers={"a" * 64: SimpleNamespace(id="a" * 64),
-                                     "b" * 64: SimpleNamespace(id="b" * 64)}))
+        layers_root=root, upper_dir=lambda cid: root / cid / "upper",
+        all=lambda: [SimpleNamespace(id="a" * 64), SimpleNamespace(id="b" * 64)]))
     server_stats.layer_cache.prune(set())
     [usage] = asyncio.run(server_stats.container_filesystems(manager))
     assert usage.fs_id.mountpoint == str(tmp_path / "containers")

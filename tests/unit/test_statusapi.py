@@ -22,51 +22,15 @@ from cripy.cli import status as status_cli
 from cripy.config import Config, from_dict
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cripy.oci.runtime import OciRuntime
-from cripy.runtime import container as container_mod
-from cripy.runtime import sandbox as sandbox_mod
-from cripy.runtime.container import Container
-from cripy.runtime.locks import LockTable
-from cripy.runtime.sandbox import Sandbox
+from cripy.runtime.container import ContainerManager
+from cripy.runtime.sandbox import SandboxManager
+from cripy.runtime.store import Container, ContainerState, PodState, Sandbox
 from cripy.statusapi import HTTPConnections, Request, Response, StatusServer, json_response
 
 POD_ID = "a" * 64
 RUNNING_ID = "b1" + "0" * 62
 EXITED_ID = "b2" + "0" * 62
 PAUSED_ID = "c" * 64
-
-
-class FakeContainers:
-    def __init__(self, run_dir: Path) -> None:
-        self.containers: dict[str, Container] = {}
-        self.run_dir = run_dir
-        self.locks = LockTable()
-
-    def get(self, ident: str) -> Container:
-        if not ident:
-            raise InvalidArgumentError("container ID is empty")
-        matches = [c for i, c in self.containers.items() if i.startswith(ident)]
-        if len(matches) > 1:
-            raise InvalidArgumentError(f"container ID prefix {ident!r} is ambiguous")
-        if not matches:
-            raise NotFoundError(f"container {ident!r} not found")
-        return matches[0]
-
-    def refresh(self, container: Container) -> None:
-        pass
-
-    def in_sandbox(self, sandbox_id: str) -> list[Container]:
-        return [c for c in self.containers.values() if c.sandbox_id == sandbox_id]
-
-
-class FakeSandboxes:
-    def __init__(self) -> None:
-        self.sandboxes: dict[str, Sandbox] = {}
-
-    def get(self, ident: str) -> Sandbox:
-        matches = [s for i, s in self.sandboxes.items() if i.startswith(ident)]
-        if len(matches) != 1:
-            raise NotFoundError(f"pod sandbox {ident!r} not found")
-        return matches[0]
 
 
 class FakeOci:
@@ -76,6 +40,9 @@ class FakeOci:
         self.state_dir = state_dir
         self.status: dict[str, str] = {}  # runc's view
         self.calls: list[tuple[str, str]] = []
+
+    def exit_status(self, cid: str) -> None:
+        return None  # nothing exits here
 
     async def state(self, cid: str) -> dict[str, Any] | None:
         if cid not in self.status:
@@ -91,7 +58,7 @@ class FakeOci:
         self.status[cid] = "running"
 
 
-def make_container(cid: str, state: str, **kw: Any) -> Container:
+def make_container(cid: str, state: ContainerState, **kw: Any) -> Container:
     config = pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=f"app-{cid[:2]}"),
         image=pb.ImageSpec(image="127.0.0.1:5000/busybox:latest"),
@@ -101,31 +68,37 @@ def make_container(cid: str, state: str, **kw: Any) -> Container:
                      log_path=kw.pop("log_path", ""), state=state, **kw)
 
 
-def make_sandbox(state: str = "ready") -> Sandbox:
+def make_sandbox(state: PodState = PodState.READY) -> Sandbox:
     config = pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name="web", namespace="default", uid="uid"),
         labels={"app": "web"}, log_directory="/var/log/pods/web")
     config.linux.security_context.namespace_options.network = pb.POD
     return Sandbox(id=POD_ID, config=config, runtime_handler="", created_at=123, state=state,
-                   ips=["10.85.0.7"])
+                   ips=("10.85.0.7",))
 
 
 class World:
     def __init__(self, tmp_path: Path) -> None:
         self.config = Config(root=str(tmp_path / "root"), runroot=str(tmp_path / "run"))
-        self.containers = FakeContainers(tmp_path / "run" / "containers")
-        self.sandboxes = FakeSandboxes()
         self.oci = FakeOci(tmp_path / "run" / "oci")
-        self.sandboxes.sandboxes[POD_ID] = make_sandbox()
-        for c in (make_container(RUNNING_ID, "running", pid=4242, started_at=5,
-                                 log_path="/var/log/pods/web/app/0.log"),
-                  make_container(EXITED_ID, "exited", pid=4243, exit_code=3, finished_at=9),
-                  make_container(PAUSED_ID, "running", pid=4244)):
-            self.containers.containers[c.id] = c
+        oci = cast(Any, self.oci)
+        self.sandboxes = SandboxManager(self.config, oci, cast(Any, None))
+        self.containers = ContainerManager(self.config, oci, cast(Any, None), self.sandboxes)
+        self.sandboxes.containers = self.containers
         self.oci.status = {RUNNING_ID: "running", PAUSED_ID: "paused"}
         self.path = tmp_path / "sock" / "status.sock"
-        self.server = StatusServer(self.path, self.config, cast(Any, self.containers),
-                                   cast(Any, self.sandboxes), cast(Any, self.oci))
+        self.server = StatusServer(self.path, self.config, self.containers, self.sandboxes,
+                                   oci)
+
+    async def populate(self) -> None:
+        """One pod with a running, an exited and a (runc-)paused container."""
+        await self.sandboxes.store.add(make_sandbox())
+        for c in (make_container(RUNNING_ID, ContainerState.RUNNING, pid=4242, started_at=5,
+                                 log_path="/var/log/pods/web/app/0.log"),
+                  make_container(EXITED_ID, ContainerState.EXITED, pid=4243, exit_code=3,
+                                 finished_at=9),
+                  make_container(PAUSED_ID, ContainerState.RUNNING, pid=4244)):
+            await self.containers.store.add(c)
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self.path)),
@@ -139,6 +112,7 @@ def serve(tmp_path: Path, scenario: Scenario) -> World:
     world = World(tmp_path)
 
     async def main() -> None:
+        await world.populate()
         await world.server.start()
         try:
             async with world.client() as client:
@@ -196,7 +170,7 @@ def test_container_info(tmp_path: Path) -> None:
         r = await client.get(f"/containers/{RUNNING_ID[:5]}")  # a unique prefix
         assert r.status_code == 200
         info = r.json()
-        run_dir = world.containers.run_dir
+        run_dir = Path(world.config.runroot) / "containers"
         assert info == {
             "id": RUNNING_ID, "name": "k8s_app-b1_web_default_uid_0", "pid": 4242,
             "image": "127.0.0.1:5000/busybox:latest", "image_ref": "sha256:" + "d" * 64,
@@ -413,14 +387,6 @@ def test_oci_runtime_pause_and_resume_run_runc(tmp_path: Path) -> None:
         f"--root {root} --log-format json pause abc",
         f"--root {root} --log-format json resume abc",
     ]
-
-
-def test_state_names_match_the_runtime() -> None:
-    from cripy import statusapi
-
-    assert statusapi._CREATING == container_mod.CREATING == sandbox_mod.CREATING
-    assert (statusapi._CREATED, statusapi._RUNNING, statusapi._EXITED) == (
-        container_mod.CREATED, container_mod.RUNNING, container_mod.EXITED)
 
 
 # --- cripy status --------------------------------------------------------------------

@@ -32,8 +32,7 @@ from cripy.errors import (
 )
 from cripy.network.namespaces import pin_namespaces, unpin_namespaces
 from cripy.oci.runtime import OciRuntime
-from cripy.runtime.container import EXITED, RUNNING
-from cripy.runtime.sandbox import READY
+from cripy.runtime.store import ContainerState, PodState
 from cripy.streaming import backend as backend_mod
 from cripy.streaming.backend import RuntimeStreamBackend
 from cripy.streaming.session import (
@@ -72,7 +71,7 @@ def _remove_cgroup_parent() -> Iterator[None]:
 @dataclass
 class FakeContainer:
     id: str
-    state: str = RUNNING
+    state: ContainerState = ContainerState.RUNNING
     config: pb.ContainerConfig = field(default_factory=pb.ContainerConfig)
 
 
@@ -87,9 +86,12 @@ class FakeContainers:
         except KeyError:
             raise NotFoundError(f"container {container_id!r} not found") from None
 
-    def get_running(self, container_id: str) -> FakeContainer:
+    def bundle_dir(self, container_id: str) -> Path:
+        return self.run_dir / container_id
+
+    async def get_running(self, container_id: str) -> FakeContainer:
         container = self.get(container_id)
-        if container.state != RUNNING:
+        if container.state != ContainerState.RUNNING:
             raise FailedPreconditionError(f"container {container.id} is not running")
         return container
 
@@ -98,7 +100,7 @@ class FakeContainers:
 class FakeSandbox:
     id: str
     namespaces: dict[str, str]
-    state: str = READY
+    state: PodState = PodState.READY
 
 
 class FakeSandboxes:
@@ -346,7 +348,7 @@ def test_exec_errors(env: Env) -> None:
         assert "no-such-command" in outcome.error
         outcome = await env.backend.exec(exec_target("nope", ["sh"]), s)
         assert "not found" in outcome.error
-        env.containers.items[cid].state = EXITED
+        env.containers.items[cid].state = ContainerState.EXITED
         outcome = await env.backend.exec(exec_target(cid, ["sh"]), s)
         assert "not running" in outcome.error
         assert list((env.oci.state_dir / "exec").iterdir()) == []
