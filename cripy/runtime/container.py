@@ -7,6 +7,7 @@ made, so a restart after a crash can finish the cleanup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,12 +27,12 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
-from cripy.image.service import ImageManager
-from cripy.oci.runtime import ExecResult, OciRuntime
+from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
 from cripy.runtime.events import CREATED as CREATED_EVENT
 from cripy.runtime.events import DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
+from cripy.runtime.ports import HOST, Host, Images, OciDriver
 from cripy.runtime.sandbox import READY, SandboxManager
 from cripy.runtime.store import (
     CONTAINER_STATE_TO_PB,
@@ -41,7 +42,6 @@ from cripy.runtime.store import (
     Sandbox,
     Store,
 )
-from cripy.storage.overlay import mount_overlay, unmount
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,15 @@ STATE_TO_PB = CONTAINER_STATE_TO_PB
 class ContainerManager:
     """The container lifecycle controller: its state is the store's, nothing of its own."""
 
-    def __init__(self, config: Config, oci: OciRuntime, images: ImageManager,
-                 sandboxes: SandboxManager, events: EventBus | None = None) -> None:
+    def __init__(self, config: Config, oci: OciDriver, images: Images,
+                 sandboxes: SandboxManager, events: EventBus | None = None,
+                 host: Host = HOST) -> None:
         self.config = config
         self.events = events or EventBus()
         self.oci = oci
         self.images = images
         self.sandboxes = sandboxes
+        self.host = host
         root = Path(config.root)
         self.store: Store[Container] = Store(Container, root / "containers",
                                              root / "quarantine")
@@ -202,12 +204,20 @@ class ContainerManager:
             raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
         log_path = (str(validate_log_path(sandbox.config.log_directory, config.log_path))
                     if config.log_path else "")
-        container = await self.store.add(Container(
-            id=secrets.token_hex(32), sandbox_id=sandbox.id, config=config,
-            image_id=image.id, pod_name=sandbox.name.removeprefix("k8s_"),
-            created_at=time.time_ns(), log_path=log_path,
-        ))
-        async with self.locks.hold(container.id):
+        async with contextlib.AsyncExitStack() as held:
+            # Registered under the pod's lock: a stop or remove of the pod either comes
+            # first (and this is refused) or finds the container and waits for its lock.
+            async with self.sandboxes.locks.hold(sandbox.id):
+                current = self.sandboxes.find(sandbox.id)
+                if current is None or current.state != READY:
+                    raise FailedPreconditionError(f"pod sandbox {sandbox.id} is not ready")
+                sandbox = current
+                container = await self.store.add(Container(
+                    id=secrets.token_hex(32), sandbox_id=sandbox.id, config=config,
+                    image_id=image.id, pod_name=sandbox.name.removeprefix("k8s_"),
+                    created_at=time.time_ns(), log_path=log_path,
+                ))
+                await held.enter_async_context(self.locks.hold(container.id))
             try:
                 built = await self._build(container, sandbox, image.layers)
             except BaseException as exc:
@@ -230,8 +240,8 @@ class ContainerManager:
         # The layers are noted before the mount so image GC never removes them under us.
         await asyncio.to_thread(atomic_write_json, record_dir / "layers.json", layers)
         lowers = [f"{store.layer_dir(d).name}/diff" for d in reversed(layers)]
-        await mount_overlay(store.layers, lowers, record_dir / "upper", record_dir / "work",
-                            rootfs)
+        await self.host.mount_overlay(store.layers, lowers, record_dir / "upper",
+                                      record_dir / "work", rootfs)
         crash_point("create-container-after-mount")
         image = store.get(container.image_id)
         if image is None:
@@ -259,6 +269,11 @@ class ContainerManager:
             if container.state != CREATED:
                 raise FailedPreconditionError(
                     f"container {container.id} is {container.state}, not created")
+            sandbox = self.sandboxes.find(container.sandbox_id)
+            if sandbox is None or sandbox.state != READY:
+                raise FailedPreconditionError(
+                    f"pod sandbox {container.sandbox_id} of container {container.id} "
+                    "is not ready")
             started_at = time.time_ns()  # taken first: a quick exit must not precede it
             await self.oci.start(container.id)
             crash_point("start-container-after-start")
@@ -301,11 +316,26 @@ class ContainerManager:
         self._publish(DELETED, container)
         log.info("container %s removed", container.id[:12])
 
+    # For the pod's stop and remove, under the pod's lock: every container of the pod,
+    # those being created too (their lock is held until the create is done).
+
     async def stop_all_in(self, sandbox_id: str) -> None:
-        await asyncio.gather(*(self.stop(c.id, 0) for c in self.in_sandbox(sandbox_id)))
+        async def stop(container_id: str) -> None:
+            async with self.locks.hold(container_id):
+                await self._stop_locked(container_id, 0)
+
+        await asyncio.gather(*(stop(c.id) for c in self.in_sandbox(sandbox_id)))
 
     async def remove_all_in(self, sandbox_id: str) -> None:
-        await asyncio.gather(*(self.remove(c.id) for c in self.in_sandbox(sandbox_id)))
+        async def remove(container_id: str) -> None:
+            async with self.locks.hold(container_id):
+                container = self.store.find(container_id)
+                if container is None:  # its create failed, or a remove came first
+                    return
+                await self._destroy(container_id)
+            self._publish(DELETED, container)
+
+        await asyncio.gather(*(remove(c.id) for c in self.in_sandbox(sandbox_id)))
 
     async def _destroy(self, container_id: str) -> None:
         try:
@@ -316,7 +346,7 @@ class ContainerManager:
             log.warning("container %s: runtime unavailable during cleanup: %s",
                         container_id[:12], exc)
         bundle = self.bundle_dir(container_id)
-        await unmount(bundle / "rootfs")
+        await self.host.unmount(bundle / "rootfs")
         await asyncio.to_thread(remove_tree, bundle)
         await self.store.delete(container_id)
 
@@ -433,7 +463,7 @@ class ContainerManager:
 
     async def _destroy_leftover(self, container_id: str) -> None:
         await self.oci.delete(container_id)
-        await unmount(self.bundle_dir(container_id) / "rootfs")
+        await self.host.unmount(self.bundle_dir(container_id) / "rootfs")
         await asyncio.to_thread(remove_tree, self.bundle_dir(container_id))
         await asyncio.to_thread(remove_tree, self.store.object_dir(container_id))
 

@@ -28,15 +28,13 @@ from cripy.errors import (
     NotFoundError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
-from cripy.network.cni import CNIManager, PortMapping
-from cripy.network.namespaces import is_pinned, pin_namespaces, unpin_namespaces
-from cripy.oci.runtime import OciRuntime
+from cripy.network.cni import PortMapping
 from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
 from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
 from cripy.runtime.podfiles import pod_hostname, write_pod_files
+from cripy.runtime.ports import HOST, Host, Network, OciDriver
 from cripy.runtime.store import PodState, Sandbox, Store
-from cripy.storage.overlay import mount_tmpfs, unmount
 
 if TYPE_CHECKING:
     from cripy.runtime.container import ContainerManager
@@ -52,12 +50,13 @@ _PROTOCOLS = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
 class SandboxManager:
     """The pod lifecycle controller: its state is the store's, nothing of its own."""
 
-    def __init__(self, config: Config, oci: OciRuntime, cni: CNIManager,
-                 events: EventBus | None = None) -> None:
+    def __init__(self, config: Config, oci: OciDriver, cni: Network,
+                 events: EventBus | None = None, host: Host = HOST) -> None:
         self.config = config
         self.events = events or EventBus()
         self.oci = oci
         self.cni = cni
+        self.host = host
         root = Path(config.root)
         self.store: Store[Sandbox] = Store(Sandbox, root / "pods", root / "quarantine")
         self.run_dir = Path(config.runroot) / "pods"
@@ -130,13 +129,13 @@ class SandboxManager:
         if options.ipc != pb.NODE:
             kinds.append("ipc")
         if kinds:
-            pinned = await pin_namespaces(pod_dir / "ns", kinds,
+            pinned = await self.host.pin_namespaces(pod_dir / "ns", kinds,
                                           hostname if "uts" in kinds else None)
             sandbox = await self.store.set(
                 sandbox.id, namespaces={kind: str(path) for kind, path in pinned.items()})
             crash_point("run-pod-after-namespaces")
         if options.ipc != pb.NODE:
-            await mount_tmpfs(pod_dir / "shm", SHM_OPTIONS)
+            await self.host.mount_tmpfs(pod_dir / "shm", SHM_OPTIONS)
         ips: list[str] = []
         if options.network != pb.NODE:
             network = await self.cni.setup(
@@ -195,19 +194,25 @@ class SandboxManager:
 
     # --- StopPodSandbox / RemovePodSandbox ----------------------------------------------
 
+    # The pod's lock orders these against RunPodSandbox and CreateContainer: a container
+    # is registered under it, so once a stop holds it, every container of the pod is in
+    # the store (those still being created too: stopping one waits for its create).
+
     async def stop(self, sandbox_id: str) -> None:
         """Stop every container, the infra process and the network. Idempotent."""
         try:
             sandbox = self.get(sandbox_id)
         except NotFoundError:
             return  # the CRI: stopping what is gone succeeds
-        await self.containers.stop_all_in(sandbox.id)
-        crash_point("stop-pod-after-containers")
         async with self.locks.hold(sandbox.id):
-            await self._release(sandbox)
+            await self.containers.stop_all_in(sandbox.id)
+            crash_point("stop-pod-after-containers")
             current = self.find(sandbox.id)
-            if current is not None and current.state != NOTREADY:
-                self._publish(STOPPED, await self._mark_not_ready(current))
+            if current is None:  # removed while we waited
+                return
+            await self._release(current)
+            if current.state == READY:
+                self._publish(STOPPED, await self.store.set(current.id, state=NOTREADY))
         log.info("pod %s stopped", sandbox.id[:12])
 
     async def remove(self, sandbox_id: str) -> None:
@@ -215,15 +220,13 @@ class SandboxManager:
             sandbox = self.get(sandbox_id)
         except NotFoundError:
             return
-        await self.containers.remove_all_in(sandbox.id)
         async with self.locks.hold(sandbox.id):
+            await self.containers.remove_all_in(sandbox.id)
+            if self.find(sandbox.id) is None:
+                return
             await self._destroy(sandbox.id)
         self._publish(DELETED, sandbox)
         log.info("pod %s removed", sandbox.id[:12])
-
-    async def _mark_not_ready(self, sandbox: Sandbox) -> Sandbox:
-        """READY -> NOTREADY; a pod a crash left in CREATING never was ready, and leaves."""
-        return await self.store.set(sandbox.id, state=NOTREADY)
 
     async def _release(self, sandbox: Sandbox) -> None:
         """Give back what a running pod holds; safe to repeat and after a crash."""
@@ -234,8 +237,8 @@ class SandboxManager:
             net = sandbox.namespaces.get("net")
             await self.cni.teardown(sandbox.id, Path(net) if net else None)
         pod_dir = self.pod_dir(sandbox.id)
-        await unmount(pod_dir / "shm")
-        await unpin_namespaces(pod_dir / "ns")
+        await self.host.unmount(pod_dir / "shm")
+        await self.host.unpin_namespaces(pod_dir / "ns")
 
     async def _destroy(self, sandbox_id: str) -> None:
         sandbox = self.find(sandbox_id)
@@ -288,11 +291,11 @@ class SandboxManager:
                 log.info("pod %s was being created at the crash: removing it", loaded.id[:12])
                 await self._destroy(sandbox.id)
             elif sandbox.state == READY and not await asyncio.to_thread(
-                    _namespaces_alive, sandbox):
+                    self._namespaces_alive, sandbox):
                 log.info("pod %s lost its namespaces (reboot?): marking it not ready",
                          loaded.id[:12])
                 await self._release(sandbox)
-                await self._mark_not_ready(sandbox)
+                await self.store.set(sandbox.id, state=NOTREADY)
 
     async def _destroy_leftover(self, sandbox_id: str) -> None:
         """A pod directory without a usable record: give back what it may hold."""
@@ -301,14 +304,13 @@ class SandboxManager:
             await self.cni.teardown(sandbox_id, None)
         except CripyError as exc:
             log.warning("pod %s: network teardown failed: %s", sandbox_id[:12], exc)
-        await unmount(pod_dir / "shm")
-        await unpin_namespaces(pod_dir / "ns")
+        await self.host.unmount(pod_dir / "shm")
+        await self.host.unpin_namespaces(pod_dir / "ns")
         await asyncio.to_thread(remove_tree, pod_dir)
         await asyncio.to_thread(remove_tree, self.store.object_dir(sandbox_id))
 
-
-def _namespaces_alive(sandbox: Sandbox) -> bool:
-    return all(is_pinned(Path(path)) for path in sandbox.namespaces.values())
+    def _namespaces_alive(self, sandbox: Sandbox) -> bool:
+        return all(self.host.is_pinned(Path(path)) for path in sandbox.namespaces.values())
 
 
 def _validate(config: pb.PodSandboxConfig, runtime_handler: str) -> None:
