@@ -39,6 +39,9 @@ log = logging.getLogger("cripy.daemon")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the kubelet's own limit
 SHUTDOWN_GRACE_SECONDS = 5
+#: In asyncio debug mode (PYTHONASYNCIODEBUG=1), callbacks that hold the event loop
+#: longer than this are logged ("Executing ... took"): blocking I/O that belongs in a thread.
+SLOW_CALLBACK_SECONDS = 0.05
 
 
 class Daemon:
@@ -71,6 +74,9 @@ class Daemon:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.get_debug():
+            loop.slow_callback_duration = SLOW_CALLBACK_SECONDS
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.runroot.mkdir(parents=True, exist_ok=True, mode=0o711)
         lock_fd = self._take_lock()
@@ -98,7 +104,6 @@ class Daemon:
                     raise FailedPreconditionError(
                         f"cannot serve metrics on {monitoring.metrics_address}:"
                         f"{monitoring.metrics_port}: {exc.strerror}") from None
-            loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -360,17 +360,22 @@ class OciRuntime:
         if not args:
             raise InvalidArgumentError("exec needs a command")
         bundle = await self._bundle(cid)
-        process = exec_process(load_config(bundle), args, env, cwd, tty)
         limit = timeout if timeout is not None and timeout > 0 else None
-        workdir = Path(tempfile.mkdtemp(prefix=f"{cid}.", dir=self._exec_dir))
+
+        def prepare() -> Path:  # file reads and writes: in a thread
+            process = exec_process(load_config(bundle), args, env, cwd, tty)
+            workdir = Path(tempfile.mkdtemp(prefix=f"{cid}.", dir=self._exec_dir))
+            (workdir / "process.json").write_text(json.dumps(process))
+            return workdir
+
+        workdir = await asyncio.to_thread(prepare)
         try:
             spec = workdir / "process.json"
-            spec.write_text(json.dumps(process))
             if tty:
                 return await self._exec_tty(cid, workdir, spec, limit)
             return await self._exec_conmon(cid, workdir, spec, limit)
         finally:
-            remove_tree(workdir)
+            await asyncio.to_thread(remove_tree, workdir)
 
     async def reopen_log(self, container_id: str) -> None:
         """Ask conmon to reopen the container's log file (after it was renamed away)."""

@@ -246,13 +246,19 @@ class ContainerManager:
         image = store.get(container.image_id)
         if image is None:
             raise NotFoundError(f"image {container.image_id} was removed during the create")
-        image_config = self.images.image_config(image)
-        spec = build_container_spec(_effective_config(container.config, sandbox),
-                                    sandbox.config, image_config,
-                                    self.sandboxes.spec_context(sandbox, container.id, rootfs))
-        await asyncio.to_thread(atomic_write_json, bundle / "config.json", spec)
         log_path = self.log_file(container)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write_bundle() -> dict[str, Any]:
+            # The image config, the rootfs's passwd and group, mountinfo, /dev: all reads.
+            image_config = self.images.image_config(image)
+            spec = build_container_spec(
+                _effective_config(container.config, sandbox), sandbox.config, image_config,
+                self.sandboxes.spec_context(sandbox, container.id, rootfs))
+            atomic_write_json(bundle / "config.json", spec)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            return image_config
+
+        image_config = await asyncio.to_thread(write_bundle)
         c = container.config
         pid = await self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,

@@ -119,9 +119,7 @@ class SandboxManager:
         (the pinned namespaces are recorded at once, so a crash can give them back)."""
         config, options = sandbox.config, sandbox.options
         pod_dir = self.pod_dir(sandbox.id)
-        pod_dir.mkdir(parents=True, exist_ok=True)
-        if config.log_directory:
-            Path(config.log_directory).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_make_dirs, pod_dir, config.log_directory)
         hostname = pod_hostname(config, socket.gethostname())
         kinds = []
         if options.network != pb.NODE:
@@ -145,18 +143,23 @@ class SandboxManager:
             )
             ips = list(network.ips)
             crash_point("run-pod-after-network")
-        write_pod_files(pod_dir, config, hostname, ips[0] if ips else None)
+        await asyncio.to_thread(write_pod_files, pod_dir, config, hostname,
+                                ips[0] if ips else None)
         infra_pid = await self._start_infra(sandbox) if sandbox.shares_pid else None
         return {"ips": tuple(ips), "infra_pid": infra_pid}
 
     async def _start_infra(self, sandbox: Sandbox) -> int:
         """catatonit as the PID 1 every container of the pod shares."""
-        rootfs = await asyncio.to_thread(self._ensure_infra_rootfs)
         bundle = self.pod_dir(sandbox.id) / "infra"
-        bundle.mkdir(exist_ok=True)
-        spec = build_infra_spec(sandbox.config, self.spec_context(sandbox, sandbox.id, rootfs),
-                                rootfs)
-        await asyncio.to_thread(atomic_write_json, bundle / "config.json", spec)
+
+        def write_bundle() -> None:  # file reads and writes: in a thread
+            rootfs = self._ensure_infra_rootfs()
+            bundle.mkdir(exist_ok=True)
+            spec = build_infra_spec(sandbox.config,
+                                    self.spec_context(sandbox, sandbox.id, rootfs), rootfs)
+            atomic_write_json(bundle / "config.json", spec)
+
+        await asyncio.to_thread(write_bundle)
         pid = await self.oci.create(sandbox.id, bundle, bundle / "infra.log")
         await self.oci.start(sandbox.id)
         return pid
@@ -175,6 +178,7 @@ class SandboxManager:
         return self.infra_rootfs
 
     def spec_context(self, sandbox: Sandbox, container_id: str, rootfs: Path) -> SpecContext:
+        """What the OCI spec of a container in `sandbox` needs (reads /proc: blocks)."""
         pod_dir = self.pod_dir(sandbox.id)
         return SpecContext(
             container_id=container_id,
@@ -334,6 +338,12 @@ def _validate(config: pb.PodSandboxConfig, runtime_handler: str) -> None:
         if not 0 < mapping.container_port < 65536 or not 0 <= mapping.host_port < 65536:
             raise InvalidArgumentError(
                 f"port mapping {mapping.host_port}:{mapping.container_port} is out of range")
+
+
+def _make_dirs(pod_dir: Path, log_directory: str) -> None:
+    pod_dir.mkdir(parents=True, exist_ok=True)
+    if log_directory:
+        Path(log_directory).mkdir(parents=True, exist_ok=True)
 
 
 def _port_mappings(config: pb.PodSandboxConfig) -> list[PortMapping]:

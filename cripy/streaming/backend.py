@@ -119,18 +119,24 @@ class RuntimeStreamBackend:
         try:
             container = await self.containers.get_running(target.container_id)
             bundle = self.containers.bundle_dir(container.id)
-            process = exec_process(load_config(bundle), target.cmd, None, None, target.tty)
+            config = await asyncio.to_thread(load_config, bundle)
+            process = exec_process(config, target.cmd, None, None, target.tty)
         except CripyError as exc:
             return Outcome(error=str(exc))
         exec_dir = self.oci.state_dir / "exec"
-        exec_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix="s", dir=exec_dir))
+
+        def prepare() -> Path:
+            exec_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            workdir = Path(tempfile.mkdtemp(prefix="s", dir=exec_dir))
+            (workdir / "process.json").write_text(json.dumps(process))
+            return workdir
+
+        workdir = await asyncio.to_thread(prepare)
         try:
-            spec = workdir / "process.json"
-            spec.write_text(json.dumps(process))
-            return await self._exec(container.id, workdir, spec, target, session)
+            return await self._exec(container.id, workdir, workdir / "process.json", target,
+                                    session)
         finally:
-            remove_tree(workdir)
+            await asyncio.to_thread(remove_tree, workdir)
 
     async def _exec(
         self, cid: str, workdir: Path, spec: Path, target: ExecTarget, session: StreamSession

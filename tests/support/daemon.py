@@ -59,10 +59,11 @@ class Daemon:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def start(self, crash_at: str = "") -> Daemon:
-        """Start the daemon; `crash_at` names a crash point where it will kill itself."""
+    def start(self, crash_at: str = "", env: dict[str, str] | None = None) -> Daemon:
+        """Start the daemon; `crash_at` names a crash point where it will kill itself;
+        `env` adds to its environment."""
         log = self.log_path.open("ab")
-        env = {**os.environ, "CRIPY_CRASH_AT": crash_at}
+        env = {**os.environ, **(env or {}), "CRIPY_CRASH_AT": crash_at}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cripy", "daemon", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
