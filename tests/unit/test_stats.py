@@ -15,7 +15,6 @@ import pytest
 
 from cripy.api import api_pb2 as pb
 from cripy.fsutil import disk_usage
-from cripy.network.namespaces import pin_namespaces, unpin_namespaces
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.stats import (
     CgroupStats,
@@ -328,22 +327,6 @@ def test_parse_net_dev() -> None:
                                            rx_errors=1, rx_dropped=2, tx_bytes=98765432,
                                            tx_packets=54321, tx_errors=3, tx_dropped=4)
     assert stats["lo"].rx_bytes == stats["lo"].tx_bytes == 1296
-
-
-def test_read_net_dev_inside_a_pinned_netns(tmp_path: Path) -> None:
-    ns_dir = tmp_path / "ns"
-    own = os.readlink("/proc/thread-self/ns/net")
-    try:
-        pinned = asyncio.run(pin_namespaces(ns_dir, ["net"], None))
-        stats = read_net_dev(str(pinned["net"]))
-        assert set(stats) == {"lo"}  # a fresh namespace has only loopback
-        assert stats["lo"].name == "lo"
-        host = read_net_dev("/proc/self/ns/net")
-        assert "lo" in host and len(host) >= 1
-        # Our own thread never left the daemon's namespace.
-        assert os.readlink("/proc/thread-self/ns/net") == own
-    finally:
-        asyncio.run(unpin_namespaces(ns_dir))
 
 
 def test_read_net_dev_refuses_what_is_not_a_netns(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from cripy.streaming.session import (
     StreamSession,
     TerminalSize,
 )
-from tests.unit.test_oci_runtime import (
+from tests.host.test_oci_runtime import (
     CGROUP_PARENT,
     CONMON,
     RUNC,

@@ -1,0 +1,26 @@
+"""Network stats read inside a real pinned network namespace. Needs root."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from cripy.network.namespaces import pin_namespaces, unpin_namespaces
+from cripy.runtime.stats import read_net_dev
+
+
+def test_read_net_dev_inside_a_pinned_netns(tmp_path: Path) -> None:
+    ns_dir = tmp_path / "ns"
+    own = os.readlink("/proc/thread-self/ns/net")
+    try:
+        pinned = asyncio.run(pin_namespaces(ns_dir, ["net"], None))
+        stats = read_net_dev(str(pinned["net"]))
+        assert set(stats) == {"lo"}  # a fresh namespace has only loopback
+        assert stats["lo"].name == "lo"
+        host = read_net_dev("/proc/self/ns/net")
+        assert "lo" in host and len(host) >= 1
+        # Our own thread never left the daemon's namespace.
+        assert os.readlink("/proc/thread-self/ns/net") == own
+    finally:
+        asyncio.run(unpin_namespaces(ns_dir))
