@@ -24,6 +24,7 @@ from cripy.image.store import ImageStore
 from cripy.logs import set_level
 from cripy.metrics import MetricsServer
 from cripy.network.cni import CNIManager
+from cripy.oci.apparmor import prepare_host
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.events import EventBus
@@ -78,6 +79,7 @@ class Daemon:
         status_api: StatusServer | None = None
         metrics: MetricsServer | None = None
         try:
+            self.sandboxes.apparmor = await asyncio.to_thread(prepare_host)
             await self.images.start()
             await self.sandboxes.recover()
             await self.containers.recover()

@@ -21,7 +21,7 @@ from typing import Any
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from cripy.oci import seccomp
+from cripy.oci import apparmor, seccomp
 from cripy.oci.user import ProcessUser, resolve_user
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ class SpecContext:
     oom_score_adj_min: int = -1000  # lowest value this daemon can set
     cgroup_v2: bool = False
     default_seccomp_profile: str = ""  # a profile file for RuntimeDefault; "": built in
+    apparmor: apparmor.AppArmorHost = field(default_factory=apparmor.AppArmorHost)  # probed once
 
 
 # --- small validators ------------------------------------------------------------------
@@ -914,6 +915,9 @@ def build_container_spec(
     }
     if config.linux.HasField("resources"):
         process["oomScoreAdj"] = _oom_score_adj(config.linux.resources.oom_score_adj, ctx)
+    apparmor_profile = apparmor.container_profile(sc, privileged=privileged, host=ctx.apparmor)
+    if apparmor_profile is not None:
+        process["apparmorProfile"] = apparmor_profile
 
     mounts, root_propagation = build_mounts(config, ctx, privileged=privileged, readonly=readonly)
     devices, device_rules = build_devices(config, privileged=privileged)
