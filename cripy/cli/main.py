@@ -52,6 +52,15 @@ def print_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def install_service(args: argparse.Namespace) -> int:
+    from cripy.service import install
+
+    for line in install(unit_dir=args.unit_dir, config_dir=args.config_dir, cripy=args.cripy,
+                        enable=args.enable):
+        print(line)
+    return 0
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", metavar="FILE",
@@ -84,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--defaults", action="store_true",
                         help="print the built-in defaults, ignoring every file")
     config.set_defaults(func=print_config)
+
+    service = commands.add_parser(
+        "install-service",
+        help="install the systemd unit cripy.service running this cripy (reloads systemd "
+             "where it runs)")
+    service.add_argument("--unit-dir", dest="unit_dir", metavar="DIR",
+                         default="/etc/systemd/system", help="where the unit goes")
+    service.add_argument("--config-dir", dest="config_dir", metavar="DIR",
+                         default=DEFAULT_CONFIG_DIR, help="the drop-in directory to create")
+    service.add_argument("--cripy", metavar="PATH",
+                         help="the cripy executable ExecStart runs (default: this one)")
+    service.add_argument("--enable", action="store_true",
+                         help="also systemctl enable --now cripy.service")
+    service.set_defaults(func=install_service)
 
     ctl.add_parser(commands)
     status.add_parser(commands)
