@@ -43,6 +43,7 @@ def test_the_unit_is_a_notify_service_that_spares_containers() -> None:
     assert service["KillMode"] == "process"
     assert service["Delegate"] == "yes"
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"  # a config error is not retried
     assert service["LimitNOFILE"] == "1048576"
     assert service["TasksMax"] == "infinity"
     assert service["OOMScoreAdjust"] == "-999"
