@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from cripy.image.store import ImageRecord
 from cripy.network.cni import PodNetwork, PortMapping
 from cripy.network.namespaces import is_pinned, pin_namespaces, unpin_namespaces
+from cripy.oci.cgroups import CgroupDriver
+from cripy.oci.handlers import RuntimeHandler
 from cripy.oci.runtime import ExecResult, ExitStatus
 from cripy.storage.overlay import mount_overlay, mount_tmpfs, unmount
 
@@ -20,9 +22,13 @@ from cripy.storage.overlay import mount_overlay, mount_tmpfs, unmount
 class OciDriver(Protocol):
     """The OCI runtime under conmon (cripy.oci.runtime.OciRuntime)."""
 
+    cgroups: CgroupDriver
+
+    def handler(self, name: str) -> RuntimeHandler: ...
     async def create(self, container_id: str, bundle: Path, log_path: Path, *,
                      tty: bool = False, stdin: bool = False, stdin_once: bool = False,
-                     log_size_max: int = -1) -> int: ...
+                     log_size_max: int = -1, handler: str = "",
+                     cgroup_parent: str = "") -> int: ...
     async def start(self, container_id: str) -> None: ...
     async def stop(self, container_id: str, timeout: float, stop_signal: int = ...) -> None: ...
     async def delete(self, container_id: str) -> None: ...

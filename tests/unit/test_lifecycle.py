@@ -24,6 +24,8 @@ from cripy.errors import (
 )
 from cripy.image.store import ImageRecord
 from cripy.network.cni import PodNetwork, PortMapping
+from cripy.oci.cgroups import CgroupDriver, CgroupfsDriver
+from cripy.oci.handlers import RuntimeHandler, select
 from cripy.oci.runtime import ExecResult, ExitStatus
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.events import EventBus
@@ -42,7 +44,10 @@ IMAGE = ImageRecord(id="sha256:" + "1" * 64, manifest_digest="sha256:" + "2" * 6
 class FakeOci:
     """runc as a dict: created -> running -> stopped; exits recorded as conmon would."""
 
-    def __init__(self) -> None:
+    def __init__(self, tmp: Path) -> None:
+        self.cgroups: CgroupDriver = CgroupfsDriver()
+        self.handlers = {"runc": RuntimeHandler("runc", "/usr/sbin/runc", tmp / "runc",
+                                                "/usr/bin/conmon")}
         self.status: dict[str, str] = {}
         self.exits: dict[str, ExitStatus] = {}
         self.paused: set[str] = set()
@@ -51,9 +56,16 @@ class FakeOci:
         self.fail_create = False
         self.calls: list[tuple[str, str]] = []
 
+    def handler(self, name: str) -> RuntimeHandler:
+        handler = select(self.handlers, "runc", name)
+        handler.check_usable()
+        return handler
+
     async def create(self, container_id: str, bundle: Path, log_path: Path, *,
                      tty: bool = False, stdin: bool = False, stdin_once: bool = False,
-                     log_size_max: int = -1) -> int:
+                     log_size_max: int = -1, handler: str = "",
+                     cgroup_parent: str = "") -> int:
+        self.handler(handler)
         self.calls.append(("create", container_id))
         assert (bundle / "config.json").is_file()
         self.creating.set()
@@ -195,13 +207,14 @@ class FakeImages:
 @dataclass
 class Node:
     tmp: Path
-    oci: FakeOci = field(default_factory=FakeOci)
+    oci: FakeOci = field(init=False)
     cni: FakeNetwork = field(default_factory=FakeNetwork)
     host: FakeHost = field(default_factory=FakeHost)
     events: EventBus = field(default_factory=EventBus)
     seen: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.oci = FakeOci(self.tmp)
         self.config = Config(root=str(self.tmp / "root"), runroot=str(self.tmp / "run"))
         self.make()
 
