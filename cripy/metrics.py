@@ -25,8 +25,8 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from cripy.httpserver import HTTPConnections, Request, Response, error_response
 from cripy.runtime.store import ContainerState, PodState
-from cripy.statusapi import HTTPConnections, Request, Response, error_response
 
 if TYPE_CHECKING:
     from cripy.runtime.container import ContainerManager

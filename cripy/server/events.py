@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from cripy.api import api_pb2 as pb
 from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.server.container import container_status
-from cripy.server.rpc import Context
+from cripy.server.rpc import Context, rpc_stream
 from cripy.server.sandbox import pod_status
 
 EVENT_TYPES = {
@@ -32,6 +32,7 @@ def event_response(event: Event) -> pb.ContainerEventResponse:
 class EventRpcs:
     events: EventBus
 
+    @rpc_stream
     async def GetContainerEvents(
         self, request: pb.GetEventsRequest, context: Context
     ) -> AsyncIterator[pb.ContainerEventResponse]:

@@ -21,11 +21,12 @@ from cripy.api import api_pb2 as pb
 from cripy.cli import status as status_cli
 from cripy.config import Config, from_dict
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from cripy.httpserver import HTTPConnections, Request, Response, json_response
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.store import Container, ContainerState, PodState, Sandbox
-from cripy.statusapi import HTTPConnections, Request, Response, StatusServer, json_response
+from cripy.statusapi import StatusServer
 
 POD_ID = "a" * 64
 RUNNING_ID = "b1" + "0" * 62
@@ -462,9 +463,9 @@ def test_clients_past_the_limit_get_503(tmp_path: Path) -> None:
 
 def test_a_client_too_slow_to_send_its_request_is_closed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cripy import statusapi
+    from cripy import httpserver
 
-    monkeypatch.setattr(statusapi, "READ_TIMEOUT", 0.3)
+    monkeypatch.setattr(httpserver, "READ_TIMEOUT", 0.3)
 
     async def scenario(world: World, client: httpx.AsyncClient) -> None:
         reader, writer = await asyncio.open_unix_connection(str(world.path))
