@@ -66,6 +66,9 @@ _CONMON_LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
 
 #: conmon's control-fifo message that makes it reopen its log files ("type height width").
 _REOPEN_LOGS = b"2 0 0\n"
+#: conmon's control-fifo message type of a terminal resize, and the largest size it takes.
+_CTL_RESIZE = 1
+_CTL_MAX_SIZE = 1000
 
 #: exec_sync keeps at most this much of each output stream; the rest is read and dropped.
 EXEC_OUTPUT_LIMIT = 16 << 20
@@ -450,8 +453,31 @@ class OciRuntime:
         record = self._record(cid)
         if record is None:
             raise NotFoundError(f"container {cid} not found")
-        ctl = Path(record["bundle"]) / "ctl"
         log_path = Path(record["log_path"])
+        self._write_control(cid, Path(record["bundle"]), _REOPEN_LOGS)
+        # conmon acts on the message in its own time; wait until the file is there again.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.conmon_grace
+        while not log_path.exists():
+            if loop.time() >= deadline or not self._conmon_alive(cid):
+                raise UnavailableError(f"conmon of container {cid} did not reopen {log_path}")
+            await asyncio.sleep(0.01)
+
+    async def bundle_of(self, container_id: str) -> Path:
+        """The bundle the container was created from (conmon's sockets and fifos are there)."""
+        return await self._bundle(_check_id(container_id))
+
+    async def resize(self, container_id: str, height: int, width: int) -> None:
+        """Give the container's terminal a new size (through conmon's control fifo)."""
+        cid = _check_id(container_id)
+        height = min(max(height, 0), _CTL_MAX_SIZE)
+        width = min(max(width, 0), _CTL_MAX_SIZE)
+        bundle = await self._bundle(cid)
+        self._write_control(cid, bundle, f"{_CTL_RESIZE} {height} {width}\n".encode())
+
+    def _write_control(self, cid: str, bundle: Path, message: bytes) -> None:
+        """One message to conmon's control fifo ("type height width\\n")."""
+        ctl = bundle / "ctl"
         try:
             if not stat.S_ISFIFO(os.lstat(ctl).st_mode):
                 raise FailedPreconditionError(f"{ctl} is not conmon's control fifo")
@@ -466,16 +492,9 @@ class OciRuntime:
                 f"conmon of container {cid} is not running ({e.strerror})"
             ) from None
         try:
-            os.write(fd, _REOPEN_LOGS)
+            os.write(fd, message)
         finally:
             os.close(fd)
-        # conmon acts on the message in its own time; wait until the file is there again.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.conmon_grace
-        while not log_path.exists():
-            if loop.time() >= deadline or not self._conmon_alive(cid):
-                raise UnavailableError(f"conmon of container {cid} did not reopen {log_path}")
-            await asyncio.sleep(0.01)
 
     def conmon_pid(self, container_id: str) -> int | None:
         """The pid of the container's conmon while it runs."""

@@ -24,6 +24,7 @@ from cripy.streaming.spdy_handler import (
     SpdyStream,
     pinned,
 )
+from cripy.tasks import cancel
 
 Output = Callable[[bytes], Awaitable[None]]
 
@@ -164,12 +165,6 @@ async def _send_sizes(queue: asyncio.Queue[TerminalSize], stream: SpdyStream) ->
                                           ).encode() + b"\n")
 
 
-async def _cancel(*tasks: asyncio.Task[Any] | None) -> None:
-    live = [t for t in tasks if t is not None]
-    for task in live:
-        task.cancel()
-    await asyncio.gather(*live, return_exceptions=True)
-
 
 async def spdy_exec(url: str, *, stdin: asyncio.StreamReader | None, stdout: Output | None,
                     stderr: Output | None, tty: bool,
@@ -230,9 +225,9 @@ async def _exec(url: str, stdin: asyncio.StreamReader | None, stdout: Output | N
                                   "status arrived")
         return decode_error(chosen, message)
     finally:
-        await _cancel(*tasks)
+        await cancel(*tasks)
         await session.close()
-        await _cancel(run)
+        await cancel(run)
 
 
 async def spdy_port_forward(url: str, port: int, reader: asyncio.StreamReader,
@@ -287,6 +282,6 @@ async def _port_forward(url: str, port: int, reader: asyncio.StreamReader,
             raise PortForwardError(f"an error occurred forwarding to port {port}: "
                                    f"{message.decode('utf-8', 'replace').strip()}")
     finally:
-        await _cancel(up, status)
+        await cancel(up, status)
         await session.close()
-        await _cancel(run)
+        await cancel(run)

@@ -54,6 +54,7 @@ from cripy.streaming.spdy import (
     WindowUpdated,
     header_value,
 )
+from cripy.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -469,12 +470,6 @@ async def _serve(headers: list[tuple[str, str]], reader: asyncio.StreamReader,
             await asyncio.wait_for(writer.wait_closed(), 5)
 
 
-async def _cancel(*tasks: asyncio.Task[object] | None) -> None:
-    live = [t for t in tasks if t is not None]
-    for task in live:
-        task.cancel()
-    await asyncio.gather(*live, return_exceptions=True)
-
 
 # --- remotecommand --------------------------------------------------------------------
 
@@ -578,7 +573,7 @@ class _RemoteCommand:
             arrived = asyncio.create_task(self.all_arrived.wait())
             done, _ = await asyncio.wait({closed, arrived}, timeout=STREAM_CREATION_TIMEOUT,
                                          return_when=asyncio.FIRST_COMPLETED)
-            await _cancel(closed, arrived)
+            await cancel(closed, arrived)
             if not self.all_arrived.is_set():
                 if not session.closed.is_set():
                     log.info("timed out waiting for the client to create streams "
@@ -589,19 +584,19 @@ class _RemoteCommand:
             backend = asyncio.create_task(self._run_backend(stream_session))
             closed = asyncio.create_task(session.closed.wait())
             await asyncio.wait({backend, closed}, return_when=asyncio.FIRST_COMPLETED)
-            await _cancel(closed)
+            await cancel(closed)
             if not backend.done():
                 log.info("streaming client went away; stopping the %s",
                          "exec" if isinstance(self.target, ExecTarget) else "attach")
                 return
-            await _cancel(*pumps)
+            await cancel(*pumps)
             session.discard_all()
             await self._report(backend.result())
             await session.drain_all(LINGER_TIMEOUT)
             await session.close(GoAwayStatus.OK, linger=LINGER_TIMEOUT)
         finally:
-            await _cancel(backend, *pumps)
-            await _cancel(run)
+            await cancel(backend, *pumps)
+            await cancel(run)
             if not session.writer.is_closing():
                 session.writer.close()
 
@@ -766,8 +761,8 @@ class _PortForward:
             for pair in self.pairs.values():
                 if pair.timer is not None:
                     pair.timer.cancel()
-            await _cancel(*self.tasks)
-            await _cancel(run)
+            await cancel(*self.tasks)
+            await cancel(run)
             self.session.writer.close()
 
     async def _forward(self, pair: _Pair) -> None:
@@ -824,4 +819,4 @@ class _PortForward:
             if down.done():
                 down.result()  # raises what broke it
         finally:
-            await _cancel(up, down, gone)
+            await cancel(up, down, gone)

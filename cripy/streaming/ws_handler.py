@@ -56,6 +56,7 @@ from cripy.streaming.websocket import (
     parse_client_handshake,
     select_subprotocol,
 )
+from cripy.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -366,13 +367,6 @@ async def _call_backend(
         return Outcome(error=str(exc) or type(exc).__name__)
 
 
-async def _cancel(*tasks: asyncio.Task[object]) -> None:
-    pending = [t for t in tasks if not t.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending)
-
 
 async def _remote_command(
     peer: _Peer, protocol: str, target: ExecTarget | AttachTarget, backend: StreamBackend
@@ -441,7 +435,7 @@ async def _remote_command(
             await peer.close()
             await peer.gone.wait()
     finally:
-        await _cancel(read_task, work, gone)
+        await cancel(read_task, work, gone)
 
 
 async def _port_forward(peer: _Peer, target: PortForwardTarget, backend: StreamBackend) -> None:
@@ -473,7 +467,7 @@ async def _port_forward(peer: _Peer, target: PortForwardTarget, backend: StreamB
                 await peer.close()
                 await peer.gone.wait()
     finally:
-        await _cancel(read_task, gone, *forwards)
+        await cancel(read_task, gone, *forwards)
 
 
 async def _forward_port(
@@ -501,7 +495,7 @@ async def _forward_port(
         except OSError as exc:
             await _port_error(peer, target, port, error_channel, exc)
         finally:
-            await _cancel(upstream)
+            await cancel(upstream)
             pod_writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(pod_writer.wait_closed(), SHUTDOWN_TIMEOUT)
