@@ -2,14 +2,13 @@
 
 A transport parses its frames into a `StreamSession` (stdin bytes, resize events, sinks
 for stdout/stderr) and hands it to a `StreamBackend`, which runs the exec or attach and
-returns how it ended. The transport then reports that on the error stream as the
-Kubernetes Status JSON (`status_json`). Port forwarding hands out byte streams instead.
+returns how it ended. The transport then reports that on the error stream (as
+cripy.streaming.remotecommand encodes it). Port forwarding hands out byte streams instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,23 +86,3 @@ class StreamBackend(Protocol):
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP connection to localhost:`port` inside the pod's network namespace."""
         ...
-
-
-def status_json(outcome: Outcome) -> bytes:
-    """The metav1.Status the kubelet's remotecommand protocol (v4+) sends on the error
-    stream when the command ends."""
-    if outcome.error:
-        status = {"metadata": {}, "status": "Failure", "message": outcome.error,
-                  "reason": "InternalError", "code": 500}
-    elif outcome.exit_code == 0:
-        status = {"metadata": {}, "status": "Success"}
-    else:
-        status = {
-            "metadata": {},
-            "status": "Failure",
-            "message": f"command terminated with non-zero exit code: error executing "
-                       f"command, exit status {outcome.exit_code}",
-            "reason": "NonZeroExitCode",
-            "details": {"causes": [{"reason": "ExitCode", "message": str(outcome.exit_code)}]},
-        }
-    return json.dumps(status).encode()

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cripy.streaming.remotecommand import ResizeParser, channels_of, error_channel_message
 from cripy.streaming.session import (
     AttachTarget,
     ExecTarget,
@@ -32,7 +32,6 @@ from cripy.streaming.session import (
     StreamBackend,
     StreamSession,
     TerminalSize,
-    status_json,
 )
 from cripy.streaming.spdy import (
     DEFAULT_WINDOW,
@@ -487,34 +486,6 @@ class _Sink:
         await self.stream.close()
 
 
-def parse_resize(buffer: bytearray) -> list[TerminalSize]:
-    """Take the complete JSON objects off the front of `buffer`: the resize stream is a
-    sequence of {"Width": w, "Height": h}. Raises ValueError on garbage."""
-    decoder = json.JSONDecoder()
-    sizes: list[TerminalSize] = []
-    while True:
-        text = buffer.decode("latin-1")
-        start = len(text) - len(text.lstrip())
-        if start == len(text):
-            buffer.clear()
-            return sizes
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            if len(buffer) > 4096:
-                raise ValueError("resize stream: no JSON object in 4 KiB") from None
-            del buffer[:start]
-            return sizes  # incomplete: wait for more
-        del buffer[:end]
-        if not isinstance(value, dict):
-            raise ValueError(f"resize stream: {value!r} is not an object")
-        width, height = value.get("Width"), value.get("Height")
-        if not (isinstance(width, int) and isinstance(height, int)
-                and 0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):
-            raise ValueError(f"resize stream: bad size {value!r}")
-        sizes.append(TerminalSize(width, height))
-
-
 @dataclass
 class _Streams:
     error: SpdyStream | None = None
@@ -532,15 +503,8 @@ class _RemoteCommand:
         self.target = target
         self.backend = backend
         self.streams = _Streams()
-        self.expected = {"error"}
-        if target.stdin:
-            self.expected.add("stdin")
-        if target.stdout:
-            self.expected.add("stdout")
-        if target.stderr and not target.tty:
-            self.expected.add("stderr")
-        if target.tty and protocol in ("v4.channel.k8s.io", "v3.channel.k8s.io"):
-            self.expected.add("resize")
+        has_resize = protocol in ("v4.channel.k8s.io", "v3.channel.k8s.io")
+        self.expected = {c.stream_type for c in channels_of(target, resize=has_resize)}
         self.arrived: set[str] = set()
         self.all_arrived = asyncio.Event()
         self.session = SpdySession(reader, writer, client=False, on_stream=self._on_stream)
@@ -624,11 +588,13 @@ class _RemoteCommand:
 
     @staticmethod
     async def _pump_resize(stream: SpdyStream, queue: asyncio.Queue[TerminalSize]) -> None:
-        buffer = bytearray()
+        """As the kubelet: the first value that is not a size ends resizing."""
+        parser = ResizeParser()
         while chunk := await stream.read():
-            buffer += chunk
             try:
-                for size in parse_resize(buffer):
+                for size in parser.feed(chunk):
+                    if size is None:
+                        raise ValueError("resize stream: a value that is not a size")
                     queue.put_nowait(size)
             except ValueError as exc:
                 log.info("%s; ignoring further resize events", exc)
@@ -656,15 +622,7 @@ class _RemoteCommand:
                 await stream.close()
         if s.error is None:
             return
-        if self.protocol == "v4.channel.k8s.io":
-            message = status_json(outcome)
-        elif outcome.error:
-            message = outcome.error.encode()
-        elif outcome.exit_code:
-            message = (f"command terminated with non-zero exit code: error executing "
-                       f"command, exit status {outcome.exit_code}").encode()
-        else:
-            message = b""
+        message = error_channel_message(self.protocol, outcome)
         with contextlib.suppress(ConnectionError):
             if message:
                 await s.error.write(message)

@@ -23,13 +23,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cripy.streaming.remotecommand import STREAM_CLOSE  # v5's "close one channel" signal
+
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
-
-# Channel numbers of the remote command protocols; 255 carries v5's stream close signal.
-STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
-STREAM_CLOSE = 255
-
 
 class Opcode(enum.IntEnum):
     CONTINUATION = 0x0

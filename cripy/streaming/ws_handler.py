@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
+from cripy.streaming.remotecommand import (
+    STREAM_CLOSE,
+    Channel,
+    ResizeParser,
+    error_channel_message,
+)
 from cripy.streaming.session import (
     AttachTarget,
     ExecTarget,
@@ -31,15 +36,8 @@ from cripy.streaming.session import (
     StreamBackend,
     StreamSession,
     TerminalSize,
-    status_json,
 )
 from cripy.streaming.websocket import (
-    ERROR,
-    RESIZE,
-    STDERR,
-    STDIN,
-    STDOUT,
-    STREAM_CLOSE,
     BinaryMessage,
     CloseCode,
     Event,
@@ -71,7 +69,8 @@ WS_REMOTECOMMAND_PROTOCOLS = [
 # The kubelet's WebSocket port forward speaks only these (plus no protocol at all);
 # "portforward.k8s.io" is the SPDY subprotocol.
 WS_PORTFORWARD_PROTOCOLS = ["v4.channel.k8s.io", "v4.base64.channel.k8s.io"]
-_JSON_STATUS = {V5_PROTOCOL, "v4.channel.k8s.io", "v4.base64.channel.k8s.io"}
+STDIN, STDOUT, STDERR, ERROR, RESIZE = (Channel.STDIN, Channel.STDOUT, Channel.STDERR,
+                                       Channel.ERROR, Channel.RESIZE)
 
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 CHUNK = 32 * 1024  # largest payload per outgoing message, and per socket read
@@ -293,66 +292,29 @@ class _ChannelSink:
 
 
 class _ResizeReader:
-    """Terminal sizes from the resize channel: a stream of JSON objects, normally one per
-    message, though one may span messages."""
-
-    LIMIT = 4096
+    """Terminal sizes from the resize channel into the session's queue (the newest kept
+    when it is full); a value that is not a size is skipped."""
 
     def __init__(self, queue: asyncio.Queue[TerminalSize]) -> None:
         self.queue = queue
-        self.closed = False
-        self._buf = ""
-        self._decoder = json.JSONDecoder()
+        self.parser = ResizeParser()
+        self.closed = False  # v5: the client closed the resize channel
 
     def feed(self, data: bytes) -> None:
         if self.closed:
             return
         try:
-            self._buf += data.decode()
-        except UnicodeDecodeError:
-            self._buf = ""
+            sizes = self.parser.feed(data)
+        except ValueError as exc:
+            log.debug("websocket: %s", exc)
             return
-        while self._buf.strip():
-            text = self._buf.lstrip()
-            try:
-                value, end = self._decoder.raw_decode(text)
-            except json.JSONDecodeError:
-                if len(self._buf) > self.LIMIT:  # not an incomplete object: garbage
-                    self._buf = ""
-                return
-            self._buf = text[end:]
-            size = _terminal_size(value)
+        for size in sizes:
             if size is None:
-                log.debug("websocket: ignoring resize %r", value)
+                log.debug("websocket: ignoring a resize that is not a size")
                 continue
             if self.queue.full():  # keep the newest sizes
                 self.queue.get_nowait()
             self.queue.put_nowait(size)
-
-
-def _terminal_size(value: object) -> TerminalSize | None:
-    """Go's decoding into {Width, Height uint16}: names match case-insensitively, a
-    missing one is 0."""
-    if not isinstance(value, dict):
-        return None
-    fields = {str(k).lower(): v for k, v in value.items()}
-    width, height = fields.get("width", 0), fields.get("height", 0)
-    for n in (width, height):
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 65535:
-            return None
-    return TerminalSize(width=width, height=height)
-
-
-def _status_message(protocol: str, outcome: Outcome) -> bytes | None:
-    """What goes on the error channel at the end: v4+ the Status JSON; before v4 only a
-    failure's message."""
-    body = status_json(outcome)
-    if protocol in _JSON_STATUS:
-        return body
-    status = json.loads(body)
-    if status.get("status") == "Success":
-        return None
-    return str(status.get("message", "")).encode()
 
 
 async def _call_backend(
@@ -429,7 +391,7 @@ async def _remote_command(
         if stdin is not None:
             stdin.abandon()
         async with asyncio.timeout(CLOSE_TIMEOUT):
-            message = _status_message(protocol, outcome)
+            message = error_channel_message(protocol, outcome)
             if message is not None:
                 await peer.send(ERROR, message)
             await peer.close()

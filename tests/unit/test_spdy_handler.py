@@ -29,7 +29,7 @@ from cripy.streaming.spdy_client import (
     spdy_port_forward,
     upgrade,
 )
-from cripy.streaming.spdy_handler import SpdySession, parse_resize, serve_spdy
+from cripy.streaming.spdy_handler import SpdySession, serve_spdy
 
 Target = ExecTarget | AttachTarget | PortForwardTarget
 
@@ -596,18 +596,6 @@ def test_port_forward_error_reaches_the_client() -> None:
 
 
 # --- pure helpers ---------------------------------------------------------------------
-
-
-def test_parse_resize_handles_split_and_joined_objects() -> None:
-    buffer = bytearray(b'{"Width":80,"Height":24}\n{"Width":1')
-    assert parse_resize(buffer) == [TerminalSize(80, 24)]
-    buffer += b'00,"Height":40}{"Width":5,"Height":6}'
-    assert parse_resize(buffer) == [TerminalSize(100, 40), TerminalSize(5, 6)]
-    assert buffer == b""
-    with pytest.raises(ValueError):
-        parse_resize(bytearray(b'[1, 2]'))
-    with pytest.raises(ValueError):
-        parse_resize(bytearray(b'{"Width": -1, "Height": 2}'))
 
 
 @pytest.mark.parametrize(("protocol", "message", "expected"), [
