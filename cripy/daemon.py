@@ -30,6 +30,7 @@ from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.events import EventBus
 from cripy.runtime.sandbox import SandboxManager
+from cripy.runtime.usage import StatsCollector
 from cripy.sdnotify import Notifier
 from cripy.server.image import ImageServicer
 from cripy.server.runtime import RuntimeServicer
@@ -74,6 +75,7 @@ class Daemon:
         self.containers = ContainerManager(config, oci, self.images, self.sandboxes,
                                            self.events)
         self.sandboxes.containers = self.containers
+        self.stats = StatsCollector(self.containers, self.sandboxes)
         self.images.layers_in_use = self.containers.layers_in_use
         self.streaming = StreamingServer(
             config.streaming, RuntimeStreamBackend(self.containers, self.sandboxes, oci))
@@ -203,10 +205,11 @@ class Daemon:
             ]
         )
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(
-            RuntimeServicer(self.config, self.sandboxes, self.containers, self.streaming),
+            RuntimeServicer(self.config, self.sandboxes, self.containers, self.streaming,
+                            self.stats),
             server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(
-            ImageServicer(self.images, lambda: container_filesystems(self.containers)), server)
+            ImageServicer(self.images, lambda: container_filesystems(self.stats)), server)
         # Created with the right mode from the start: no moment where others may connect.
         old_umask = os.umask(0o117)
         try:

@@ -15,6 +15,7 @@ from cripy.config import Config
 from cripy.network.readiness import Readiness, check_network
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.sandbox import SandboxManager
+from cripy.runtime.usage import StatsCollector
 from cripy.server.container import ContainerRpcs
 from cripy.server.events import EventRpcs
 from cripy.server.rpc import Context, rpc, unimplemented_stubs
@@ -55,11 +56,13 @@ def _condition(kind: str, readiness: Readiness) -> pb.RuntimeCondition:
 class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, StreamingRpcs,
                       _RuntimeStubs):
     def __init__(self, config: Config, sandboxes: SandboxManager,
-                 containers: ContainerManager, streaming: StreamingServer) -> None:
+                 containers: ContainerManager, streaming: StreamingServer,
+                 stats: StatsCollector) -> None:
         self.config = config
         self.sandboxes = sandboxes
         self.containers = containers
         self.streaming = streaming
+        self.stats = stats
         self.events = containers.events
 
     @rpc

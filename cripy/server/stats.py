@@ -1,156 +1,21 @@
-"""Container and pod stats, and cadvisor-style metrics for the kubelet.
-
-Records are copied into plain snapshots on the event loop; the cgroup, /proc/net/dev and
-writable-layer reads then run in one thread per request.
-"""
+"""Container and pod stats, and cadvisor-style metrics for the kubelet: the samples
+cripy.runtime.usage collects, as CRI messages."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from cripy.api import api_pb2 as pb
-from cripy.errors import InvalidArgumentError
-from cripy.runtime.container import ContainerManager
-from cripy.runtime.sandbox import SandboxManager
-from cripy.runtime.stats import (
-    CgroupStats,
-    CpuRates,
-    InterfaceStats,
-    LayerUsage,
-    LayerUsageCache,
-    combine,
-    read_cgroup_stats,
-    read_net_dev,
-)
-from cripy.runtime.store import Container, ContainerState, PodState, Sandbox
+from cripy.runtime.stats import CgroupStats, InterfaceStats
+from cripy.runtime.usage import ContainerSample, PodSample, StatsCollector
 from cripy.server.rpc import Context, rpc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERFACE = "eth0"  # what CNI is asked to name the pod's interface
-POD_CONTAINER_LABEL = "POD"  # the "container" label of pod-level metrics, as cadvisor's
-
-# Shared by every servicer in the process: ImageFsInfo and the stats RPCs use one cache.
-layer_cache = LayerUsageCache()
-cpu_rates = CpuRates()
-
-
-# --- snapshots taken on the event loop ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ContainerRef:
-    id: str
-    attributes: pb.ContainerAttributes
-    cgroup: str | None  # None: no cgroup to read (not running)
-    upper: Path
-    mountpoint: str
-    labels: tuple[str, ...]  # container, id, image, name, namespace, pod
-    resources: pb.LinuxContainerResources
-    started_at: int
-
-
-@dataclass(frozen=True)
-class _PodRef:
-    id: str
-    attributes: pb.PodSandboxAttributes
-    netns: str | None  # None: host network or not ready
-    cgroup: str | None  # the pod's own cgroup parent, when no other pod shares it
-    labels: tuple[str, ...]
-    containers: list[_ContainerRef]
-
-
-@dataclass
-class _ContainerSample:
-    ref: _ContainerRef
-    cgroup: CgroupStats | None
-    layer: LayerUsage
-    fs: os.statvfs_result | None = None
-
-
-@dataclass
-class _PodSample:
-    ref: _PodRef
-    cgroup: CgroupStats | None
-    network: dict[str, InterfaceStats] | None
-    network_ts: int
-    containers: list[_ContainerSample] = field(default_factory=list)
-
-
-def _container_ref(c: Container, sandbox: Sandbox | None, containers: ContainerManager
-                   ) -> _ContainerRef:
-    cgroup = None
-    if sandbox is not None and c.live:
-        # Where the cgroup driver put it: a directory, or a systemd scope unit's cgroup.
-        with contextlib.suppress(InvalidArgumentError):
-            cgroup = containers.oci.cgroups.container_dir(sandbox.config.linux.cgroup_parent,
-                                                          c.id)
-    meta = sandbox.config.metadata if sandbox is not None else pb.PodSandboxMetadata()
-    return _ContainerRef(
-        id=c.id,
-        attributes=pb.ContainerAttributes(id=c.id, metadata=c.config.metadata,
-                                          labels=c.config.labels,
-                                          annotations=c.config.annotations),
-        cgroup=cgroup,
-        upper=containers.upper_dir(c.id),
-        mountpoint=str(containers.layers_root),
-        labels=(c.config.metadata.name, c.id, c.config.image.image, c.name, meta.namespace,
-                meta.name),
-        resources=c.config.linux.resources,
-        started_at=c.started_at,
-    )
-
-
-def _pod_cgroup(sandbox: Sandbox, sandboxes: SandboxManager) -> str | None:
-    """The pod's cgroup parent when it is the pod's own (as the kubelet's pod<uid> cgroups
-    are); a default or shared parent holds other pods too, so the containers are summed."""
-    driver = sandboxes.oci.cgroups
-    try:
-        parent = driver.pod_dir(sandbox.config.linux.cgroup_parent)
-        if parent == driver.pod_dir(""):
-            return None  # the driver's default parent
-        for other in sandboxes.all():
-            if other.id != sandbox.id and \
-                    driver.pod_dir(other.config.linux.cgroup_parent) == parent:
-                return None
-    except InvalidArgumentError:  # a parent of another driver's kind (kept from before)
-        return None
-    return parent
-
-
-# --- blocking reads (in a thread) ---------------------------------------------------------
-
-
-def _sample_container(ref: _ContainerRef, with_fs_info: bool = False) -> _ContainerSample:
-    stats = read_cgroup_stats(ref.cgroup) if ref.cgroup else None
-    sample = _ContainerSample(ref, stats, layer_cache.get(ref.id, ref.upper))
-    if with_fs_info:
-        try:
-            sample.fs = os.statvfs(ref.mountpoint)
-        except OSError:
-            sample.fs = None
-    return sample
-
-
-def _sample_pod(ref: _PodRef, with_fs_info: bool = False) -> _PodSample:
-    containers = [_sample_container(c, with_fs_info) for c in ref.containers]
-    stats = read_cgroup_stats(ref.cgroup) if ref.cgroup else None
-    if stats is None:
-        stats = combine(s.cgroup for s in containers if s.cgroup is not None)
-    network = None
-    if ref.netns:
-        try:
-            network = read_net_dev(ref.netns)
-        except OSError as exc:  # the pod was stopped under us
-            log.debug("pod %s: reading network stats failed: %s", ref.id[:12], exc)
-    return _PodSample(ref, stats, network, time.time_ns(), containers)
 
 
 # --- CRI messages -------------------------------------------------------------------------
@@ -160,10 +25,9 @@ def _u64(value: int) -> pb.UInt64Value:
     return pb.UInt64Value(value=max(value, 0))
 
 
-def _cpu(key: str, stats: CgroupStats) -> pb.CpuUsage:
+def _cpu(stats: CgroupStats, rate: int | None) -> pb.CpuUsage:
     cpu = pb.CpuUsage(timestamp=stats.timestamp_ns,
                       usage_core_nano_seconds=_u64(stats.cpu_usage_ns))
-    rate = cpu_rates.update(key, stats.cpu_usage_ns, stats.timestamp_ns)
     if rate is not None:
         cpu.usage_nano_cores.CopyFrom(_u64(rate))
     return cpu
@@ -180,7 +44,7 @@ def _memory(stats: CgroupStats) -> pb.MemoryUsage:
     return memory
 
 
-def _container_stats(sample: _ContainerSample) -> pb.ContainerStats:
+def _container_stats(sample: ContainerSample) -> pb.ContainerStats:
     ref, layer = sample.ref, sample.layer
     out = pb.ContainerStats(
         attributes=ref.attributes,
@@ -190,7 +54,7 @@ def _container_stats(sample: _ContainerSample) -> pb.ContainerStats:
     )
     stats = sample.cgroup
     if stats is not None:
-        out.cpu.CopyFrom(_cpu(ref.id, stats))
+        out.cpu.CopyFrom(_cpu(stats, sample.cpu_rate))
         out.memory.CopyFrom(_memory(stats))
         if stats.swap_usage is not None:
             out.swap.timestamp = stats.timestamp_ns
@@ -206,12 +70,12 @@ def _interface(stats: InterfaceStats) -> pb.NetworkInterfaceUsage:
         tx_bytes=_u64(stats.tx_bytes), tx_errors=_u64(stats.tx_errors))
 
 
-def _pod_stats(sample: _PodSample) -> pb.PodSandboxStats:
+def _pod_stats(sample: PodSample) -> pb.PodSandboxStats:
     ref = sample.ref
     linux = pb.LinuxPodSandboxStats(containers=[_container_stats(c) for c in sample.containers])
     stats = sample.cgroup
     if stats is not None:
-        linux.cpu.CopyFrom(_cpu(f"pod/{ref.id}", stats))
+        linux.cpu.CopyFrom(_cpu(stats, sample.cpu_rate))
         linux.memory.CopyFrom(_memory(stats))
         linux.process.CopyFrom(pb.ProcessUsage(timestamp=stats.timestamp_ns,
                                                process_count=_u64(stats.pids)))
@@ -329,7 +193,7 @@ class _Metrics:
                                     label_values=[*self.labels, *extra], value=_u64(value)))
 
 
-def _container_metrics(sample: _ContainerSample, now: int) -> pb.ContainerMetrics:
+def _container_metrics(sample: ContainerSample, now: int) -> pb.ContainerMetrics:
     ref, stats, layer = sample.ref, sample.cgroup, sample.layer
     m = _Metrics(ref.labels)
     if stats is not None:
@@ -367,7 +231,7 @@ def _container_metrics(sample: _ContainerSample, now: int) -> pb.ContainerMetric
     return pb.ContainerMetrics(container_id=ref.id, metrics=m.items)
 
 
-def _pod_metrics(sample: _PodSample) -> pb.PodSandboxMetrics:
+def _pod_metrics(sample: PodSample) -> pb.PodSandboxMetrics:
     now = time.time_ns()
     m = _Metrics(sample.ref.labels)
     for name, stats in sorted((sample.network or {}).items()):
@@ -386,41 +250,13 @@ def _pod_metrics(sample: _PodSample) -> pb.PodSandboxMetrics:
 
 
 class StatsRpcs:
-    containers: ContainerManager
-    sandboxes: SandboxManager
-
-    def _container_ref(self, c: Container) -> _ContainerRef:
-        return _container_ref(c, self.sandboxes.find(c.sandbox_id), self.containers)
-
-    def _pod_ref(self, sandbox: Sandbox) -> _PodRef:
-        meta = sandbox.config.metadata
-        ready = sandbox.state == PodState.READY
-        netns = sandbox.namespaces.get("net") if ready else None
-        return _PodRef(
-            id=sandbox.id,
-            attributes=pb.PodSandboxAttributes(id=sandbox.id, metadata=meta,
-                                               labels=sandbox.config.labels,
-                                               annotations=sandbox.config.annotations),
-            netns=netns,
-            cgroup=_pod_cgroup(sandbox, self.sandboxes) if ready else None,
-            labels=(POD_CONTAINER_LABEL, sandbox.id, "", sandbox.name, meta.namespace,
-                    meta.name),
-            containers=[self._container_ref(c) for c in self.containers.in_sandbox(sandbox.id)
-                        if c.state != ContainerState.CREATING],
-        )
-
-    def _prune(self) -> None:
-        """Forget cached samples of removed containers and pods."""
-        live = {c.id for c in self.containers.all()}
-        layer_cache.prune(live)
-        cpu_rates.prune(live | {f"pod/{s.id}" for s in self.sandboxes.all()})
+    stats: StatsCollector
 
     @rpc
     async def ContainerStats(
         self, request: pb.ContainerStatsRequest, context: Context
     ) -> pb.ContainerStatsResponse:
-        ref = self._container_ref(await self.containers.get(request.container_id))
-        sample = await asyncio.to_thread(_sample_container, ref)
+        sample = await self.stats.container(request.container_id)
         return pb.ContainerStatsResponse(stats=_container_stats(sample))
 
     @rpc
@@ -428,18 +264,15 @@ class StatsRpcs:
         self, request: pb.ListContainerStatsRequest, context: Context
     ) -> pb.ListContainerStatsResponse:
         flt = request.filter
-        refs = [self._container_ref(c) for c in await self.containers.matching(pb.ContainerFilter(
-            id=flt.id, pod_sandbox_id=flt.pod_sandbox_id, label_selector=flt.label_selector))]
-        self._prune()
-        samples = await asyncio.to_thread(lambda: [_sample_container(r) for r in refs])
+        samples = await self.stats.containers_matching(pb.ContainerFilter(
+            id=flt.id, pod_sandbox_id=flt.pod_sandbox_id, label_selector=flt.label_selector))
         return pb.ListContainerStatsResponse(stats=[_container_stats(s) for s in samples])
 
     @rpc
     async def PodSandboxStats(
         self, request: pb.PodSandboxStatsRequest, context: Context
     ) -> pb.PodSandboxStatsResponse:
-        ref = self._pod_ref(self.sandboxes.get(request.pod_sandbox_id))
-        sample = await asyncio.to_thread(_sample_pod, ref)
+        sample = await self.stats.pod(request.pod_sandbox_id)
         return pb.PodSandboxStatsResponse(stats=_pod_stats(sample))
 
     @rpc
@@ -447,8 +280,8 @@ class StatsRpcs:
         self, request: pb.ListPodSandboxStatsRequest, context: Context
     ) -> pb.ListPodSandboxStatsResponse:
         flt = request.filter
-        refs = self._pod_refs(pb.PodSandboxFilter(id=flt.id, label_selector=flt.label_selector))
-        samples = await asyncio.to_thread(lambda: [_sample_pod(r) for r in refs])
+        samples = await self.stats.pods_matching(
+            pb.PodSandboxFilter(id=flt.id, label_selector=flt.label_selector))
         return pb.ListPodSandboxStatsResponse(stats=[_pod_stats(s) for s in samples])
 
     @rpc
@@ -462,30 +295,19 @@ class StatsRpcs:
     async def ListPodSandboxMetrics(
         self, request: pb.ListPodSandboxMetricsRequest, context: Context
     ) -> pb.ListPodSandboxMetricsResponse:
-        refs = self._pod_refs(None)
-        samples = await asyncio.to_thread(lambda: [_sample_pod(r, True) for r in refs])
+        samples = await self.stats.pods_matching(None, with_fs_info=True)
         return pb.ListPodSandboxMetricsResponse(pod_metrics=[_pod_metrics(s) for s in samples])
-
-    def _pod_refs(self, flt: pb.PodSandboxFilter | None) -> list[_PodRef]:
-        refs = [self._pod_ref(s) for s in self.sandboxes.matching(flt)]
-        self._prune()
-        return refs
 
 
 # --- ImageFsInfo --------------------------------------------------------------------------
 
 
-async def container_filesystems(containers: ContainerManager) -> list[pb.FilesystemUsage]:
+async def container_filesystems(stats: StatsCollector) -> list[pb.FilesystemUsage]:
     """ImageFsInfo's container_filesystems: all writable layers, on `<root>/containers`."""
-    refs = [(c.id, containers.upper_dir(c.id)) for c in containers.all()]
-
-    def measure() -> list[LayerUsage]:
-        return [layer_cache.get(key, upper) for key, upper in refs]
-
-    usages = await asyncio.to_thread(measure)
+    usages = await stats.writable_layers()
     return [pb.FilesystemUsage(
         timestamp=time.time_ns(),
-        fs_id=pb.FilesystemIdentifier(mountpoint=str(containers.layers_root)),
+        fs_id=pb.FilesystemIdentifier(mountpoint=str(stats.containers.layers_root)),
         used_bytes=_u64(sum(u.used_bytes for u in usages)),
         inodes_used=_u64(sum(u.inodes_used for u in usages)),
     )]

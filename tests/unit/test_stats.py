@@ -15,7 +15,9 @@ import pytest
 
 from cripy.api import api_pb2 as pb
 from cripy.fsutil import disk_usage
+from cripy.runtime import usage
 from cripy.runtime.container import ContainerManager
+from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.stats import (
     CgroupStats,
     CpuRates,
@@ -393,8 +395,8 @@ def test_cpu_rates() -> None:
 # --- CRI messages and metrics -------------------------------------------------------------
 
 
-def container_sample(cgroup: CgroupStats | None) -> server_stats._ContainerSample:
-    ref = server_stats._ContainerRef(
+def container_sample(cgroup: CgroupStats | None) -> usage.ContainerSample:
+    ref = usage.ContainerRef(
         id="c" * 64,
         attributes=pb.ContainerAttributes(id="c" * 64,
                                           metadata=pb.ContainerMetadata(name="app")),
@@ -402,7 +404,7 @@ def container_sample(cgroup: CgroupStats | None) -> server_stats._ContainerSampl
         labels=("app", "c" * 64, "busybox:latest", "k8s_app_web", "default", "web"),
         resources=pb.LinuxContainerResources(memory_limit_in_bytes=1 << 28, cpu_shares=512),
         started_at=1_700_000_000 * 10**9)
-    return server_stats._ContainerSample(ref, cgroup, LayerUsage(1 << 20, 7, 42),
+    return usage.ContainerSample(ref, cgroup, LayerUsage(1 << 20, 7, 42),
                                          fs=os.statvfs("/"))
 
 
@@ -431,12 +433,12 @@ def test_container_stats_message() -> None:
 
 def test_pod_stats_message_and_metrics_follow_the_descriptors() -> None:
     container = container_sample(sample_stats())
-    pod_ref = server_stats._PodRef(
+    pod_ref = usage.PodRef(
         id="p" * 64, attributes=pb.PodSandboxAttributes(id="p" * 64), netns="/x", cgroup=None,
         labels=("POD", "p" * 64, "", "k8s_web_default_uid_0", "default", "web"),
         containers=[container.ref])
     network = parse_net_dev(NET_DEV)
-    pod = server_stats._PodSample(pod_ref, sample_stats(), network, 77, [container])
+    pod = usage.PodSample(pod_ref, sample_stats(), network, 77, [container])
 
     stats = server_stats._pod_stats(pod)
     linux = stats.linux
@@ -486,9 +488,10 @@ def test_container_filesystems_sums_every_writable_layer(tmp_path: Path) -> None
     manager = cast(ContainerManager, SimpleNamespace(
         layers_root=root, upper_dir=lambda cid: root / cid / "upper",
         all=lambda: [SimpleNamespace(id="a" * 64), SimpleNamespace(id="b" * 64)]))
-    server_stats.layer_cache.prune(set())
-    [usage] = asyncio.run(server_stats.container_filesystems(manager))
-    assert usage.fs_id.mountpoint == str(tmp_path / "containers")
-    assert usage.used_bytes.value >= 192 * 1024
-    assert usage.inodes_used.value == 2
-    assert usage.timestamp > 0
+    usage.layer_cache.prune(set())
+    collector = usage.StatsCollector(manager, cast(SandboxManager, None))
+    [total] = asyncio.run(server_stats.container_filesystems(collector))
+    assert total.fs_id.mountpoint == str(tmp_path / "containers")
+    assert total.used_bytes.value >= 192 * 1024
+    assert total.inodes_used.value == 2
+    assert total.timestamp > 0
