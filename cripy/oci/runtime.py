@@ -224,13 +224,17 @@ class OciRuntime:
         cgroup_parent: str,
     ) -> int:
         persist = self._persist / cid
-        # Whatever is here belongs to an earlier container of this ID that runc forgot.
-        remove_tree(persist)
-        with contextlib.suppress(FileNotFoundError):
-            (self._exits / cid).unlink()
-        persist.mkdir(mode=0o700)
         record = {"bundle": str(bundle), "log_path": str(log_path), "handler": handler.name}
-        atomic_write_json(persist / "cripy.json", record)
+
+        def prepare() -> None:  # file system work: in a thread
+            # Whatever is here belongs to an earlier container of this ID that runc forgot.
+            remove_tree(persist)
+            with contextlib.suppress(FileNotFoundError):
+                (self._exits / cid).unlink()
+            persist.mkdir(mode=0o700)
+            atomic_write_json(persist / "cripy.json", record)
+
+        await asyncio.to_thread(prepare)
 
         argv = [
             *self.cgroups.monitor_prefix(cgroup_parent, cid),
@@ -265,9 +269,13 @@ class OciRuntime:
         except BaseException:
             await self._undo_create(cid, bundle)
             raise
-        cgroup = _memory_cgroup_dir(pid)
-        if cgroup is not None:
-            atomic_write_json(persist / "cripy.json", {**record, "memory_cgroup": cgroup})
+
+        def note_cgroup() -> None:  # /proc and mountinfo reads, a file write: in a thread
+            cgroup = _memory_cgroup_dir(pid)
+            if cgroup is not None:
+                atomic_write_json(persist / "cripy.json", {**record, "memory_cgroup": cgroup})
+
+        await asyncio.to_thread(note_cgroup)
         return pid
 
     async def start(self, container_id: str) -> None:
@@ -320,7 +328,8 @@ class OciRuntime:
         record = self._record(cid)
         await self._finish_conmon(cid)
         await self.cgroups.cleanup(cid)
-        self._remove_leftovers(cid, Path(record["bundle"]) if record else None)
+        await asyncio.to_thread(self._remove_leftovers, cid,
+                                Path(record["bundle"]) if record else None)
         self._handler_of.pop(cid, None)
 
     async def state(self, container_id: str) -> dict[str, Any] | None:
@@ -623,7 +632,7 @@ class OciRuntime:
         except CripyError as e:
             log.warning("cleaning up container %s: %s", cid, e)
         await self.cgroups.cleanup(cid)
-        self._remove_leftovers(cid, bundle)
+        await asyncio.to_thread(self._remove_leftovers, cid, bundle)
         self._handler_of.pop(cid, None)
 
     async def _finish_conmon(self, cid: str) -> None:
