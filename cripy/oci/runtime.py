@@ -813,13 +813,7 @@ class OciRuntime:
                     await asyncio.wait_for(proc.wait(), timeout)
                 except TimeoutError:
                     timed_out = True
-                    await self._kill_exec_process(pidfile, lambda: proc.returncode is None)
-                    try:
-                        await asyncio.wait_for(proc.wait(), self.kill_wait)
-                    except TimeoutError:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGKILL)
-                        await proc.wait()
+                    await self.kill_exec(proc, pidfile)
                 await capture.finish(1.0)
             except BaseException:
                 if proc.returncode is None:
@@ -851,6 +845,17 @@ class OciRuntime:
         lowered = message.lower()
         code = 127 if "no such file" in lowered or "not found" in lowered else 126
         return ExecResult(code, bytes(capture.out), f"{message}\n".encode(), False)
+
+    async def kill_exec(self, proc: asyncio.subprocess.Process, pidfile: Path) -> None:
+        """SIGKILL a foreground exec's process (its group, by runc's pid file), then runc
+        itself if it lingers."""
+        await self._kill_exec_process(pidfile, lambda: proc.returncode is None)
+        try:
+            await asyncio.wait_for(proc.wait(), self.kill_wait)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
 
     async def _kill_exec_process(self, pidfile: Path, starting: Callable[[], bool]) -> None:
         """SIGKILL an exec'd process and its process group."""

@@ -46,7 +46,6 @@ from cripy.fsutil import remove_tree
 from cripy.oci.runtime import (
     OciRuntime,
     exec_process,
-    kill_pid_from,
     load_config,
     runc_log_errors,
     runc_message,
@@ -77,8 +76,6 @@ class StreamSessions:
 
     #: After the exec'd command exits, output still arriving within this pause is sent.
     output_grace = 1.0
-    #: How long runc may take to exit after its process was killed.
-    kill_wait = 10.0
 
     def __init__(self, oci: OciRuntime) -> None:
         self.oci = oci
@@ -198,7 +195,7 @@ class StreamSessions:
             await asyncio.gather(*pumps)
         except BaseException:
             if proc.returncode is None:
-                await self._kill_exec(proc, pidfile)
+                await self.oci.kill_exec(proc, pidfile)
             raise
         finally:
             await cancel(*pumps, *helpers)
@@ -208,22 +205,6 @@ class StreamSessions:
                        or runc_message(bytes(runc_errors.data)) or f"runc exit status {rc}")
             return Outcome(error=f"exec in container {cid}: {message}")
         return Outcome(exit_code=rc if rc >= 0 else 128 - rc)
-
-    async def _kill_exec(self, proc: asyncio.subprocess.Process, pidfile: Path) -> None:
-        """SIGKILL the exec'd process (its group), then runc if it lingers."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
-        # runc writes the pid file once the process runs; we may be just before that.
-        while not pidfile.exists() and proc.returncode is None and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        if proc.returncode is None:
-            kill_pid_from(pidfile, group=True)
-        try:
-            await asyncio.wait_for(proc.wait(), self.kill_wait)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
 
     async def attach(self, container_id: str, target: AttachTarget, session: StreamSession,
                      *, stdin_once: bool) -> Outcome:
