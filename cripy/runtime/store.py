@@ -390,9 +390,11 @@ class Store(Generic[T]):
         return await self.update(object_id, lambda o: dataclasses.replace(o, **changes))
 
     async def delete(self, object_id: str) -> None:
-        """Forget the object and remove its directory (record and all)."""
-        await asyncio.to_thread(remove_tree, self.object_dir(object_id))
-        self.forget(object_id)
+        """Forget the object and remove its directory (record and all). An update in
+        flight finishes first, so no record is written back after the removal."""
+        async with self._updating.setdefault(object_id, asyncio.Lock()):
+            await asyncio.to_thread(remove_tree, self.object_dir(object_id))
+            self.forget(object_id)
 
     def forget(self, object_id: str) -> None:
         obj = self._items.pop(object_id, None)

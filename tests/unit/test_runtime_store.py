@@ -285,3 +285,29 @@ def test_a_directory_without_a_record_is_reported(tmp_path: Path) -> None:
         assert not (tmp_path / "quarantine").exists()
 
     asyncio.run(main())
+
+
+def test_a_delete_waits_for_an_update_in_flight(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        store = containers(tmp_path)
+        await store.add(container("c" * 64, state=ContainerState.RUNNING))
+        slow_save = store._save
+
+        def save(object_id: str, record: dict[str, Any]) -> None:
+            import time
+
+            time.sleep(0.1)  # the write is still going when the delete comes
+            slow_save(object_id, record)
+
+        monkeypatch.setattr(store, "_save", save)
+        update = asyncio.create_task(store.set("c" * 64, state=ContainerState.EXITED))
+        await asyncio.sleep(0.02)
+        await store.delete("c" * 64)
+        await update
+        assert not store.object_dir("c" * 64).exists()  # no record came back
+        assert store.find("c" * 64) is None
+        with pytest.raises(NotFoundError):
+            await store.set("c" * 64, exit_code=1)
+
+    asyncio.run(main())
