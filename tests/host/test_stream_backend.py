@@ -86,9 +86,6 @@ class FakeContainers:
         except KeyError:
             raise NotFoundError(f"container {container_id!r} not found") from None
 
-    def bundle_dir(self, container_id: str) -> Path:
-        return self.run_dir / container_id
-
     async def get_running(self, container_id: str) -> FakeContainer:
         container = self.get(container_id)
         if container.state != ContainerState.RUNNING:
