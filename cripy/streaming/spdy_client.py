@@ -165,7 +165,6 @@ async def _send_sizes(queue: asyncio.Queue[TerminalSize], stream: SpdyStream) ->
                                           ).encode() + b"\n")
 
 
-
 async def spdy_exec(url: str, *, stdin: asyncio.StreamReader | None, stdout: Output | None,
                     stderr: Output | None, tty: bool,
                     resize: asyncio.Queue[TerminalSize] | None = None,

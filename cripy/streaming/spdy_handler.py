@@ -469,7 +469,6 @@ async def _serve(headers: list[tuple[str, str]], reader: asyncio.StreamReader,
             await asyncio.wait_for(writer.wait_closed(), 5)
 
 
-
 # --- remotecommand --------------------------------------------------------------------
 
 

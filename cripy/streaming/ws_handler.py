@@ -329,7 +329,6 @@ async def _call_backend(
         return Outcome(error=str(exc) or type(exc).__name__)
 
 
-
 async def _remote_command(
     peer: _Peer, protocol: str, target: ExecTarget | AttachTarget, backend: StreamBackend
 ) -> None:

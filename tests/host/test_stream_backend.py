@@ -31,9 +31,9 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.network.namespaces import pin_namespaces, unpin_namespaces
+from cripy.oci import stream as oci_stream
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.store import ContainerState, PodState
-from cripy.streaming import backend as backend_mod
 from cripy.streaming.backend import RuntimeStreamBackend
 from cripy.streaming.session import (
     AttachTarget,
@@ -383,7 +383,7 @@ def test_cancelled_exec_kills_the_process(env: Env) -> None:
 def test_attach_sees_new_output_on_both_streams(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     # However long the bundle's path: the socket is reached through /proc/self/fd.
-    monkeypatch.setattr(backend_mod, "SOCKET_PATH_MAX", 0)
+    monkeypatch.setattr(oci_stream, "SOCKET_PATH_MAX", 0)
 
     async def body() -> None:
         script = "while true; do echo tick; echo tock >&2; sleep 0.2; done"
