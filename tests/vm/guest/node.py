@@ -186,12 +186,13 @@ class GuestPods(Pods):
     node: GuestNode
     uids: dict[str, str] = field(default_factory=dict)  # pod id -> uid
 
-    def run(self, name: str = "", **kwargs: Any) -> str:
+    def run(self, name: str = "", privileged: bool = False, **kwargs: Any) -> str:
         uid = secrets.token_hex(8)
         parent = self.node.layout.create_pod(uid)
         config = pod_config(name or "pod-" + secrets.token_hex(3), self.log_dir,
                             cgroup_parent=parent, **kwargs)
         config.metadata.uid = uid
+        config.linux.security_context.privileged = privileged
         try:
             pod_id: str = self.runtime.RunPodSandbox(
                 pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
