@@ -26,7 +26,7 @@ CONTROLLERS = ("cpuset", "cpu", "io", "memory", "hugetlb", "pids")
 #: Where the guest writes what the host keeps (the results share).
 RESULTS = Path(os.environ.get("CRIPY_VM_RESULTS", "/tmp"))
 
-DRIVERS = ("cgroupfs",)
+DRIVERS = ("cgroupfs", "systemd")
 
 
 def cgroup_file(directory: Path, name: str) -> str:
@@ -152,7 +152,7 @@ class SystemdLayout(KubeletLayout):
         return self.pod_dir(uid) / f"cripy-{container_id}.scope"
 
     def leaked_units(self) -> list[str]:
-        out = systemctl("list-units", "--all", "--plain", "--no-legend", "cripy-*")
+        out = systemctl("list-units", "--all", "--plain", "--no-legend", "cripy-*.scope")
         return [f"unit {line.split()[0]}" for line in out.splitlines() if line.strip()]
 
     def close(self) -> None:
