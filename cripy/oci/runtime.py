@@ -152,6 +152,13 @@ class OciRuntime:
         handler.check_usable()
         return handler
 
+    def container_cgroup(self, cgroup_parent: str, container_id: str, handler: str) -> str:
+        """Where the cgroup driver and `handler` (a pod's runtime_handler) put the
+        container's processes: a path below the cgroup root. No I/O."""
+        known = self.handlers.get(handler or self.default_handler)
+        return self.cgroups.container_dir(cgroup_parent, container_id,
+                                          known.flavor if known is not None else "")
+
     def handler_of(self, container_id: str) -> RuntimeHandler:
         """The handler a container was created with (the default for unknown IDs)."""
         cid = _check_id(container_id)

@@ -83,6 +83,14 @@ def test_systemd_driver_takes_both_slice_forms(parent: str) -> None:
     assert d.runtime_args == ("--systemd-cgroup",)
 
 
+def test_crun_puts_its_systemd_containers_one_level_down_on_v2() -> None:
+    scope = f"{POD_SLICE_PATH}/cripy-abc.scope"
+    assert SystemdDriver().container_dir(POD_SLICE, "abc", "crun") == f"{scope}/container"
+    assert SystemdDriver().container_dir(POD_SLICE, "abc", "runc") == scope
+    assert SystemdDriver(cgroup_v2=False).container_dir(POD_SLICE, "abc", "crun") == scope
+    assert CgroupfsDriver().container_dir("/p", "abc", "crun") == "/p/cripy-abc"
+
+
 def test_systemd_driver_default_parent_is_system_slice() -> None:
     d = SystemdDriver()
     assert d.cgroups_path("", "abc") == "system.slice:cripy:abc"
