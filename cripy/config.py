@@ -6,6 +6,7 @@ field carries a comment (its `doc` metadata) that ends up in the printed TOML.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import tomllib
@@ -195,17 +196,99 @@ def endpoint_to_path(endpoint: str) -> str:
 # --- loading -------------------------------------------------------------------------
 
 
+DEFAULT_CONFIG_FILE = "/etc/cripy/cripy.toml"
+DEFAULT_CONFIG_DIR = "/etc/cripy/cripy.d"
+
+
 def load(path: str | Path | None) -> Config:
     """Defaults, overlaid with the TOML file at `path` when given."""
     if path is None:
         return validate(Config())
+    return load_files([Path(path)])
+
+
+def node_config_files(path: str | Path | None = None,
+                      config_dir: str | Path | None = None) -> list[Path]:
+    """The files a daemon reads, in the order they are merged.
+
+    Without `path`: /etc/cripy/cripy.toml if it exists, then the drop-ins of `config_dir`
+    (default /etc/cripy/cripy.d, skipped when missing). With `path`: that file, then the
+    drop-ins of `config_dir` only when one is given. Drop-ins are the *.toml files of the
+    directory in lexical order of their names (hidden files skipped).
+    """
+    files: list[Path] = []
+    if path is not None:
+        files.append(Path(path))
+    elif Path(DEFAULT_CONFIG_FILE).is_file():
+        files.append(Path(DEFAULT_CONFIG_FILE))
+    if config_dir is None and path is None:
+        directory = Path(DEFAULT_CONFIG_DIR)
+        if not directory.is_dir():
+            return files
+    elif config_dir is None:
+        return files
+    else:
+        directory = Path(config_dir)
     try:
-        data = tomllib.loads(Path(path).read_text())
+        entries = sorted(directory.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config directory {directory}: {exc.strerror}") from exc
+    files += [p for p in entries
+              if p.name.endswith(".toml") and not p.name.startswith(".") and p.is_file()]
+    return files
+
+
+def load_files(files: list[Path]) -> Config:
+    """Defaults, overlaid with each file in turn: tables merge key by key, later files win.
+
+    Each file is checked on its own first (unknown keys, wrong types), so an error names
+    the file; a bad value is blamed on the last file that set the key.
+    """
+    merged: dict[str, Any] = {}
+    parsed: list[tuple[Path, dict[str, Any]]] = []
+    for path in files:
+        data = _read_toml(path)
+        try:
+            _build(Config, data, "")
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        parsed.append((path, data))
+        merge_tables(merged, data)
+    try:
+        return from_dict(merged)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        culprits = [path for path, data in parsed if _has_key(data, key)]
+        if culprits:
+            raise ConfigError(f"config file {culprits[-1]}: {exc}") from None
+        raise
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from exc
-    return from_dict(data)
+
+
+def _has_key(data: dict[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def merge_tables(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Deep-merge parsed TOML `extra` into `into`: tables merge, anything else replaces."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_tables(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -23,12 +23,14 @@ from cripy.image.store import ImageStore
 from cripy.logs import set_level
 from cripy.metrics import MetricsServer
 from cripy.network.cni import CNIManager
+from cripy.oci.apparmor import prepare_host
 from cripy.oci.cgroups import make_driver, probe_host
 from cripy.oci.handlers import probe_handlers
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.events import EventBus
 from cripy.runtime.sandbox import SandboxManager
+from cripy.sdnotify import Notifier
 from cripy.server.image import ImageServicer
 from cripy.server.runtime import RuntimeServicer
 from cripy.server.stats import container_filesystems
@@ -73,6 +75,9 @@ class Daemon:
         self.streaming = StreamingServer(
             config.streaming, RuntimeStreamBackend(self.containers, self.sandboxes, oci))
         self._stop = asyncio.Event()
+        # Taken out of the environment before any child (conmon, runc) is started.
+        self.notifier = Notifier.from_environment()
+        self._reloads: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -82,6 +87,7 @@ class Daemon:
         status_api: StatusServer | None = None
         metrics: MetricsServer | None = None
         try:
+            self.sandboxes.apparmor = await asyncio.to_thread(prepare_host)
             await self.images.start()
             await self.sandboxes.recover()
             await self.containers.recover()
@@ -105,11 +111,14 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
             log.info("cripy serving on unix://%s (root %s, runroot %s)",
                      self.socket_path, self.root, self.runroot)
+            await asyncio.to_thread(self.notifier.notify, "READY=1",
+                                    f"STATUS=serving on unix://{self.socket_path}")
             await self._stop.wait()
             log.info("shutting down")
+            await asyncio.to_thread(self.notifier.notify, "STOPPING=1")
         finally:
             if server is not None:
                 watcher.cancel()
@@ -127,19 +136,31 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the config and apply what can change without a restart.
+    def _reload_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
-        The components share this Config object, so updating it in place reaches them.
-        A bad file is logged and changes nothing.
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config files and apply what can change without a restart.
+
+        The files are read in a thread. The components share this Config object, so
+        updating it in place reaches them. A bad file is logged and changes nothing.
         """
         if self.reload_config is None:
             return
+        await asyncio.to_thread(self.notifier.notify, "RELOADING=1")
         try:
-            new = self.reload_config()
+            new = await asyncio.to_thread(self.reload_config)
         except CripyError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
+        finally:
+            await asyncio.to_thread(self.notifier.notify, "READY=1")
+        self.apply(new)
+
+    def apply(self, new: Config) -> None:
+        """Take over the settings of `new` that apply to a running daemon."""
         current = self.config
         current.log_level = new.log_level
         set_level(new.log_level)

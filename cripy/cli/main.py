@@ -8,12 +8,22 @@ import sys
 
 from cripy import __version__
 from cripy.cli import ctl, status
-from cripy.config import Config, ConfigError, load, render, validate
+from cripy.config import (
+    DEFAULT_CONFIG_DIR,
+    DEFAULT_CONFIG_FILE,
+    Config,
+    ConfigError,
+    load_files,
+    node_config_files,
+    render,
+    render_default,
+    validate,
+)
 from cripy.errors import CripyError
 
 
 def _daemon_config(args: argparse.Namespace) -> Config:
-    config = load(args.config)
+    config = load_files(node_config_files(args.config, args.config_dir))
     for flag in ("root", "runroot", "listen", "log_level"):
         value = getattr(args, flag)
         if value is not None:
@@ -32,8 +42,34 @@ def run_daemon(args: argparse.Namespace) -> int:
 
 
 def print_config(args: argparse.Namespace) -> int:
-    sys.stdout.write(render(load(args.config)))
+    if args.defaults:
+        sys.stdout.write(render_default())
+        return 0
+    files = node_config_files(args.config, args.config_dir)
+    text = render(load_files(files))
+    merged = ", ".join(str(f) for f in files) or "none (the defaults)"
+    sys.stdout.write(f"# Merged from: {merged}\n{text}")
     return 0
+
+
+def install_service(args: argparse.Namespace) -> int:
+    from cripy.service import install
+
+    for line in install(unit_dir=args.unit_dir, config_dir=args.config_dir, cripy=args.cripy,
+                        enable=args.enable):
+        print(line)
+    return 0
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help=f"TOML configuration file (default {DEFAULT_CONFIG_FILE} if it exists; "
+             "a FILE given here is read without the default drop-ins)")
+    parser.add_argument(
+        "--config-dir", dest="config_dir", metavar="DIR",
+        help=f"drop-in directory: its *.toml files are merged over the file in lexical "
+             f"order (default {DEFAULT_CONFIG_DIR} when --config is not given)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     daemon = commands.add_parser("daemon", help="serve the CRI on a unix socket")
-    daemon.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    _config_flags(daemon)
     daemon.add_argument("--root", metavar="DIR", help="persistent state (default /var/lib/cripy)")
     daemon.add_argument("--runroot", metavar="DIR", help="volatile state (default /run/cripy)")
     daemon.add_argument("--listen", metavar="ENDPOINT",
@@ -52,10 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.set_defaults(func=run_daemon)
 
     config = commands.add_parser(
-        "config", help="print the configuration as commented TOML (the defaults, or FILE merged)"
-    )
-    config.add_argument("--config", metavar="FILE", help="TOML file to merge over the defaults")
+        "config", help="print the configuration the daemon would use, as commented TOML")
+    _config_flags(config)
+    config.add_argument("--defaults", action="store_true",
+                        help="print the built-in defaults, ignoring every file")
     config.set_defaults(func=print_config)
+
+    service = commands.add_parser(
+        "install-service",
+        help="install the systemd unit cripy.service running this cripy (reloads systemd "
+             "where it runs)")
+    service.add_argument("--unit-dir", dest="unit_dir", metavar="DIR",
+                         default="/etc/systemd/system", help="where the unit goes")
+    service.add_argument("--config-dir", dest="config_dir", metavar="DIR",
+                         default=DEFAULT_CONFIG_DIR, help="the drop-in directory to create")
+    service.add_argument("--cripy", metavar="PATH",
+                         help="the cripy executable ExecStart runs (default: this one)")
+    service.add_argument("--enable", action="store_true",
+                         help="also systemctl enable --now cripy.service")
+    service.set_defaults(func=install_service)
 
     ctl.add_parser(commands)
     status.add_parser(commands)

@@ -21,7 +21,7 @@ from typing import Any
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from cripy.oci import seccomp
+from cripy.oci import apparmor, seccomp
 from cripy.oci.cgroups import DEFAULT_CGROUPFS_PARENT, CgroupDriver, CgroupfsDriver
 from cripy.oci.user import ProcessUser, resolve_user
 
@@ -182,6 +182,7 @@ class SpecContext:
     cgroup_v2: bool = False
     cgroups: CgroupDriver = field(default_factory=CgroupfsDriver)  # the cgroup driver
     default_seccomp_profile: str = ""  # a profile file for RuntimeDefault; "": built in
+    apparmor: apparmor.AppArmorHost = field(default_factory=apparmor.AppArmorHost)  # probed once
 
 
 # --- small validators ------------------------------------------------------------------
@@ -909,6 +910,9 @@ def build_container_spec(
     }
     if config.linux.HasField("resources"):
         process["oomScoreAdj"] = _oom_score_adj(config.linux.resources.oom_score_adj, ctx)
+    apparmor_profile = apparmor.container_profile(sc, privileged=privileged, host=ctx.apparmor)
+    if apparmor_profile is not None:
+        process["apparmorProfile"] = apparmor_profile
 
     mounts, root_propagation = build_mounts(config, ctx, privileged=privileged, readonly=readonly)
     devices, device_rules = build_devices(config, privileged=privileged)

@@ -34,6 +34,7 @@ from cripy.errors import (
 from cripy.fsutil import atomic_write_json, remove_tree
 from cripy.network.cni import CNIManager, PortMapping
 from cripy.network.namespaces import is_pinned, pin_namespaces, unpin_namespaces
+from cripy.oci.apparmor import AppArmorHost
 from cripy.oci.runtime import OciRuntime
 from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
 from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
@@ -114,6 +115,7 @@ class SandboxManager:
         self.locks = LockTable()
         self._names = asyncio.Lock()
         self.containers: ContainerManager  # set by the daemon once both exist
+        self.apparmor = AppArmorHost()  # the node's AppArmor, probed by the daemon at start
 
     # --- lookups ------------------------------------------------------------------------
 
@@ -253,6 +255,7 @@ class SandboxManager:
             cgroup_v2=host_cgroup_v2(),
             cgroups=self.oci.cgroups,
             default_seccomp_profile=self.config.runtime.seccomp_profile,
+            apparmor=self.apparmor,
         )
 
     # --- StopPodSandbox / RemovePodSandbox ----------------------------------------------

@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,17 +124,38 @@ def test_bad_config_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_cripy("daemon", "--config", str(config))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "cripy: config: image.pull_concurrency: expected an integer, got a string"
+        f"cripy: config: config file {config}: image.pull_concurrency: expected an integer, "
+        "got a string"
     ]
 
 
 def test_cripy_config_prints_what_the_daemon_loads(tmp_path: Path) -> None:
-    printed = run_cripy("config")
+    printed = run_cripy("config", "--defaults")
     assert printed.returncode == 0
     config = tmp_path / "cripy.toml"
     config.write_text(printed.stdout)
     again = run_cripy("config", "--config", str(config))
-    assert again.stdout == printed.stdout
+    header, _, body = again.stdout.partition("\n")
+    assert header == f"# Merged from: {config}"
+    assert body == printed.stdout
+
+
+def test_cripy_config_shows_the_drop_ins_merged(tmp_path: Path) -> None:
+    main = tmp_path / "cripy.toml"
+    main.write_text('log_level = "warning"\n[image]\npull_concurrency = 4\n')
+    drop_ins = tmp_path / "cripy.d"
+    drop_ins.mkdir()
+    (drop_ins / "50-mirror.toml").write_text(
+        '[registries."127.0.0.1:5000"]\nmirrors = ["127.0.0.1:5001"]\n')
+    (drop_ins / "10-image.toml").write_text("[image]\npull_concurrency = 8\n")
+    printed = run_cripy("config", "--config", str(main), "--config-dir", str(drop_ins))
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.startswith(
+        f"# Merged from: {main}, {drop_ins}/10-image.toml, {drop_ins}/50-mirror.toml\n")
+    data = tomllib.loads(printed.stdout)
+    assert data["log_level"] == "warning"
+    assert data["image"]["pull_concurrency"] == 8
+    assert data["registries"]["127.0.0.1:5000"]["mirrors"] == ["127.0.0.1:5001"]
 
 
 def test_flags_override_the_config_file(tmp_path: Path) -> None:

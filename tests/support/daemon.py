@@ -16,18 +16,9 @@ import grpc
 
 from cripy.api import api_pb2 as pb
 from cripy.api import api_pb2_grpc
-from cripy.config import from_dict, render
+from cripy.config import from_dict, merge_tables, render
 
 START_TIMEOUT = 30.0
-
-
-def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
-    """Deep-merge `extra` (parsed TOML) into `into`."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
 
 
 class Daemon:
@@ -52,7 +43,7 @@ class Daemon:
             "monitoring": {"status_socket": str(self.runroot / "status.sock")},
             "registries": {host: {"insecure": True} for host in insecure_registries or []},
         }
-        _merge(settings, tomllib.loads(extra_config))
+        merge_tables(settings, tomllib.loads(extra_config))
         self.config_path.write_text(render(from_dict(settings)))
         self.process: subprocess.Popen[bytes] | None = None
         self._channel: grpc.Channel | None = None

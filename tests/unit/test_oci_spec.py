@@ -17,6 +17,7 @@ import pytest
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cripy.oci import spec as spec_mod
+from cripy.oci.apparmor import AppArmorHost
 from cripy.oci.spec import (
     DEFAULT_CAPABILITIES,
     DEFAULT_MASKED_PATHS,
@@ -879,6 +880,25 @@ def test_masked_paths(ctx: SpecContext) -> None:
     assert linux["maskedPaths"] == ["/proc/foo"] and linux["readonlyPaths"] == ["/proc/bar"]
     with pytest.raises(InvalidArgumentError, match="masked path"):
         build(ctx, container(sc=SC(masked_paths=["/proc/../etc"])))
+
+
+# --- apparmor --------------------------------------------------------------------------
+
+
+def test_apparmor_profile_reaches_the_oci_process(ctx: SpecContext, tmp_path: Path) -> None:
+    sys_root = tmp_path / "sys"
+    (sys_root / "kernel/security/apparmor").mkdir(parents=True)
+    (sys_root / "kernel/security/apparmor/profiles").write_text("mine (enforce)\n")
+    assert "apparmorProfile" not in build(ctx)["process"]  # the node has no AppArmor
+    ctx.apparmor = AppArmorHost(enabled=True, parser="apparmor_parser", sys_root=sys_root)
+    assert build(ctx)["process"]["apparmorProfile"] == "cripy-default"
+    mine = SC(apparmor=pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost,
+                                          localhost_ref="mine"))
+    assert build(ctx, container(sc=mine))["process"]["apparmorProfile"] == "mine"
+    privileged = build(ctx, container(sc=SC(privileged=True)), sb=sandbox(privileged=True))
+    assert "apparmorProfile" not in privileged["process"]
+    with pytest.raises(FailedPreconditionError, match="'other' is not loaded"):
+        build(ctx, container(sc=SC(apparmor_profile="localhost/other")))
 
 
 # --- seccomp ---------------------------------------------------------------------------
