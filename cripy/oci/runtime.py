@@ -152,6 +152,13 @@ class OciRuntime:
         handler.check_usable()
         return handler
 
+    def container_cgroup(self, cgroup_parent: str, container_id: str, handler: str) -> str:
+        """Where the cgroup driver and `handler` (a pod's runtime_handler) put the
+        container's processes: a path below the cgroup root. No I/O."""
+        known = self.handlers.get(handler or self.default_handler)
+        return self.cgroups.container_dir(cgroup_parent, container_id,
+                                          known.flavor if known is not None else "")
+
     def handler_of(self, container_id: str) -> RuntimeHandler:
         """The handler a container was created with (the default for unknown IDs)."""
         cid = _check_id(container_id)
@@ -226,7 +233,8 @@ class OciRuntime:
         with contextlib.suppress(FileNotFoundError):
             (self._exits / cid).unlink()
         persist.mkdir(mode=0o700)
-        record = {"bundle": str(bundle), "log_path": str(log_path), "handler": handler.name}
+        record: dict[str, Any] = {"bundle": str(bundle), "log_path": str(log_path),
+                                  "handler": handler.name}
         atomic_write_json(persist / "cripy.json", record)
 
         argv = [
@@ -264,7 +272,16 @@ class OciRuntime:
             raise
         cgroup = _memory_cgroup_dir(pid)
         if cgroup is not None:
-            atomic_write_json(persist / "cripy.json", {**record, "memory_cgroup": cgroup})
+            record["memory_cgroup"] = cgroup
+            # systemd removes a scope's cgroup (and its OOM counter) as soon as it is
+            # empty; the pod's cgroup above it stays and counts its descendants' OOM kills.
+            pod = None
+            with contextlib.suppress(InvalidArgumentError):  # the spec checked it already
+                pod = _pod_memory_dir(Path(cgroup), self.cgroups.pod_dir(cgroup_parent))
+            if pod is not None:
+                record["pod_cgroup"] = str(pod)
+                record["pod_oom_kills"] = _oom_kill_count(pod)
+            atomic_write_json(persist / "cripy.json", record)
         return pid
 
     async def start(self, container_id: str) -> None:
@@ -351,7 +368,7 @@ class OciRuntime:
             except ValueError:
                 log.warning("exit file %s holds %r, not an exit code", path, text[:40])
                 code = UNKNOWN_EXIT_CODE
-            return ExitStatus(code, finished_at, self._oom_killed(cid))
+            return ExitStatus(code, finished_at, self._oom_killed(cid, code))
         return None
 
     async def wait_exit(self, container_id: str, timeout: float | None) -> ExitStatus | None:
@@ -853,7 +870,7 @@ class OciRuntime:
     def _conmon_alive(self, cid: str) -> bool:
         return self.conmon_pid(cid) is not None
 
-    def _oom_killed(self, cid: str) -> bool:
+    def _oom_killed(self, cid: str, exit_code: int) -> bool:
         persist = self._persist / cid
         if (persist / "oom").exists():
             return True
@@ -861,7 +878,16 @@ class OciRuntime:
         record = self._record(cid)
         if record is None or "memory_cgroup" not in record:
             return False
-        return _oom_kill_count(Path(record["memory_cgroup"])) > 0
+        own = Path(str(record["memory_cgroup"]))
+        if own.exists():
+            return _oom_kill_count(own) > 0
+        # The cgroup went with its systemd scope: a SIGKILL exit while the pod's cgroup
+        # counted a new OOM kill is this container's (a sibling's kill at the same time
+        # could be taken for it).
+        pod = record.get("pod_cgroup")
+        if pod is None or exit_code != 128 + signal.SIGKILL:
+            return False
+        return _oom_kill_count(Path(str(pod))) > int(record.get("pod_oom_kills", 0))
 
 
 # -- module helpers ---------------------------------------------------------------------
@@ -1149,6 +1175,18 @@ def _memory_cgroup_dir(pid: int) -> str | None:
         candidate = os.path.join(mounts[""], v2.lstrip("/"))
         if os.path.exists(os.path.join(candidate, "memory.events")):
             return candidate
+    return None
+
+
+def _pod_memory_dir(container: Path, pod_dir: str) -> Path | None:
+    """The pod's cgroup v2 directory above `container` (whose cgroup is `pod_dir` plus
+    more), when it has memory accounting; None on v1 or when it is not an ancestor."""
+    parts = tuple(p for p in pod_dir.split("/") if p)
+    if not parts:
+        return None
+    for candidate in container.parents:
+        if candidate.parts[-len(parts):] == parts:
+            return candidate if (candidate / "memory.events").exists() else None
     return None
 
 

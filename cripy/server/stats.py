@@ -89,8 +89,8 @@ def _container_ref(c: Container, sandbox: Sandbox | None, containers: ContainerM
     if sandbox is not None and c.state in (CREATED, RUNNING):
         # Where the cgroup driver put it: a directory, or a systemd scope unit's cgroup.
         with contextlib.suppress(InvalidArgumentError):
-            cgroup = containers.oci.cgroups.container_dir(sandbox.config.linux.cgroup_parent,
-                                                          c.id)
+            cgroup = containers.oci.container_cgroup(sandbox.config.linux.cgroup_parent, c.id,
+                                                     sandbox.runtime_handler)
     meta = sandbox.config.metadata if sandbox is not None else pb.PodSandboxMetadata()
     return _ContainerRef(
         id=c.id,
