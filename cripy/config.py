@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -22,8 +23,10 @@ class ConfigError(InvalidArgumentError):
     """A configuration file names an unknown key or gives a value of the wrong type."""
 
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"doc": text}, **kwargs)
+def _doc(text: str, *, merge_defaults: bool = False, **kwargs: Any) -> Any:
+    """A field with its comment; `merge_defaults` (tables): entries read from a file are
+    added to the default ones rather than replacing them all."""
+    return field(metadata={"doc": text, "merge_defaults": merge_defaults}, **kwargs)
 
 
 @dataclass
@@ -58,13 +61,46 @@ class ImageConfig:
     )
 
 
+#: A runtime handler's name: what a RuntimeClass's `handler` field holds (a DNS label).
+HANDLER_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
 @dataclass
-class RuntimeConfig:
+class RuntimeHandlerConfig:
+    """One OCI runtime a pod can ask for by name (RunPodSandbox's runtime_handler, a
+    RuntimeClass's handler)."""
+
     runtime_path: str = _doc("The OCI runtime binary (name looked up in PATH, or a path).",
                              default="runc")
-    conmon_path: str = _doc("The container monitor binary.", default="conmon")
-    cgroup_manager: str = _doc("How container cgroups are made: cgroupfs or systemd.",
-                               default="cgroupfs")
+    runtime_root: str = _doc(
+        "The runtime's state directory (its --root); empty: <runroot>/oci/<handler name>.",
+        default="")
+    monitor_path: str = _doc("The container monitor (conmon) used with this runtime.",
+                             default="conmon")
+
+
+def _default_handlers() -> dict[str, RuntimeHandlerConfig]:
+    return {
+        "runc": RuntimeHandlerConfig(runtime_path="runc"),
+        "crun": RuntimeHandlerConfig(runtime_path="/usr/bin/crun"),
+    }
+
+
+@dataclass
+class RuntimeConfig:
+    default_handler: str = _doc(
+        "The handler of pods that name none (runtime_handler \"\"): a [runtime.handlers] "
+        "table.", default="runc")
+    runtime_path: str = _doc(
+        "Deprecated: the default handler's runtime_path (empty: as in its table).", default="")
+    conmon_path: str = _doc(
+        "Deprecated: the default handler's monitor_path (empty: as in its table).", default="")
+    cgroup_manager: str = _doc(
+        "The cgroup driver: cgroupfs, or systemd (needs systemd as PID 1; containers run "
+        "in cripy-<id>.scope units).", default="cgroupfs")
+    conmon_cgroup: str = _doc(
+        "systemd driver only: where each conmon's cripy-conmon-<id>.scope goes, \"pod\" "
+        "(the pod's slice) or a slice such as \"system.slice\".", default="pod")
     seccomp_profile: str = _doc(
         "A seccomp profile file (docker JSON format) used for RuntimeDefault; empty: the "
         "built-in one.", default="")
@@ -72,6 +108,14 @@ class RuntimeConfig:
         "Largest a container log file may grow (bytes) before it is rotated; -1: no limit.",
         default=-1,
     )
+    handlers: dict[str, RuntimeHandlerConfig] = _doc(
+        "The runtime handlers, one table each: [runtime.handlers.NAME]. Tables given in a "
+        "file are added to (or replace) the built-in runc and crun ones.",
+        default_factory=_default_handlers, merge_defaults=True)
+
+    def handler(self, name: str) -> RuntimeHandlerConfig:
+        """The handler a pod's runtime_handler names ("" is the default one)."""
+        return self.handlers[name or self.default_handler]
 
 
 @dataclass
@@ -260,9 +304,7 @@ def validate(config: Config) -> Config:
         raise ConfigError("image.pull_concurrency: must be at least 1")
     if config.image.registry_timeout <= 0:
         raise ConfigError("image.registry_timeout: must be positive")
-    if config.runtime.cgroup_manager not in ("cgroupfs", "systemd"):
-        raise ConfigError("runtime.cgroup_manager: must be cgroupfs or systemd, "
-                          f"got {config.runtime.cgroup_manager!r}")
+    _validate_runtime(config.runtime)
     if config.runtime.log_size_max != -1 and config.runtime.log_size_max < 8192:
         raise ConfigError("runtime.log_size_max: must be -1 or at least 8192")
     if config.monitoring.log_format not in ("text", "json"):
@@ -276,6 +318,37 @@ def validate(config: Config) -> Config:
     return config
 
 
+def _validate_runtime(runtime: RuntimeConfig) -> None:
+    if runtime.cgroup_manager not in ("cgroupfs", "systemd"):
+        raise ConfigError("runtime.cgroup_manager: must be cgroupfs or systemd, "
+                          f"got {runtime.cgroup_manager!r}")
+    conmon_cgroup = runtime.conmon_cgroup
+    if conmon_cgroup != "pod" and not (conmon_cgroup.endswith(".slice") and
+                                       "/" not in conmon_cgroup and len(conmon_cgroup) > 6):
+        raise ConfigError("runtime.conmon_cgroup: must be \"pod\" or a slice name such as "
+                          f"system.slice, got {conmon_cgroup!r}")
+    for name, handler in runtime.handlers.items():
+        if not HANDLER_NAME.fullmatch(name):
+            raise ConfigError(f"runtime.handlers.{name}: a handler name must be a DNS label "
+                              "(lower-case letters, digits and '-')")
+        for key in ("runtime_path", "monitor_path"):
+            if not getattr(handler, key):
+                raise ConfigError(f"runtime.handlers.{name}.{key}: must not be empty")
+        if handler.runtime_root and not handler.runtime_root.startswith("/"):
+            raise ConfigError(f"runtime.handlers.{name}.runtime_root: must be an absolute "
+                              f"path, got {handler.runtime_root!r}")
+    if runtime.default_handler not in runtime.handlers:
+        raise ConfigError(f"runtime.default_handler: {runtime.default_handler!r} is not a "
+                          f"[runtime.handlers] table (configured: "
+                          f"{', '.join(sorted(runtime.handlers))})")
+    # The old single-runtime keys still work: they set the default handler's binaries.
+    default = runtime.handlers[runtime.default_handler]
+    if runtime.runtime_path:
+        default.runtime_path = runtime.runtime_path
+    if runtime.conmon_path:
+        default.monitor_path = runtime.conmon_path
+
+
 def _build(cls: type[Any], data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
@@ -286,6 +359,9 @@ def _build(cls: type[Any], data: Any, prefix: str) -> Any:
         if key not in known:
             raise ConfigError(f"unknown config key {prefix}{key}")
         values[key] = _convert(hints[key], value, f"{prefix}{key}")
+        spec = known[key]
+        if spec.metadata.get("merge_defaults") and callable(spec.default_factory):
+            values[key] = {**spec.default_factory(), **values[key]}
     return cls(**values)
 
 
@@ -344,17 +420,20 @@ def _render_table(obj: Any, path: list[str], lines: list[str]) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            tables.append((f.name, value))
+            tables.append((f.name, value, ""))
             continue
         if isinstance(value, dict):
-            for name, entry in value.items():
-                tables.append((f'{f.name}."{name}"', entry))
+            for i, (name, entry) in enumerate(value.items()):
+                doc = f.metadata.get("doc", "") if i == 0 and path else ""
+                tables.append((f'{f.name}."{name}"', entry, doc))
             continue
         if f.metadata.get("doc"):
             lines.append(f"# {f.metadata['doc']}")
         lines.append(f"{f.name} = {_toml_value(value)}")
         lines.append("")
-    for name, value in tables:
+    for name, value, doc in tables:
+        if doc:
+            lines.append(f"# {doc}")
         lines.append(f"[{'.'.join([*path, name])}]")
         _render_table(value, [*path, name], lines)
 

@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import socket
 from collections.abc import Callable
@@ -25,6 +24,8 @@ from cripy.logs import set_level
 from cripy.metrics import MetricsServer
 from cripy.network.cni import CNIManager
 from cripy.oci.apparmor import prepare_host
+from cripy.oci.cgroups import make_driver, probe_host
+from cripy.oci.handlers import probe_handlers
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.events import EventBus
@@ -52,12 +53,15 @@ class Daemon:
         self.runroot = Path(config.runroot)
         self.socket_path = config.socket_path
         self.images = ImageManager(config, ImageStore(self.root), RegistryClient(config))
-        # conmon wants the runtime as a path, not a name to look up.
-        oci = OciRuntime(runtime_path=shutil.which(config.runtime.runtime_path)
-                         or config.runtime.runtime_path,
-                         conmon_path=shutil.which(config.runtime.conmon_path)
-                         or config.runtime.conmon_path,
-                         state_dir=self.runroot / "oci", log_level=config.log_level)
+        # Start-up: the host's facts and the handlers are probed once, here.
+        self.host = probe_host()
+        log.info("host: %s", self.host.describe())
+        cgroups = make_driver(config.runtime.cgroup_manager, self.host,
+                              conmon_cgroup=config.runtime.conmon_cgroup)
+        state_dir = self.runroot / "oci"
+        oci = OciRuntime(state_dir=state_dir, log_level=config.log_level,
+                         handlers=probe_handlers(config.runtime, state_dir, self.host),
+                         default_handler=config.runtime.default_handler, cgroups=cgroups)
         cni = CNIManager(config.network.cni_config_dir, config.network.cni_plugin_dirs,
                          cache_dir=self.root / "cni-cache",
                          timeout=config.network.plugin_timeout)

@@ -6,14 +6,19 @@ records the exit code (and any OOM kill) when the container's init process dies.
 double-forks and calls setsid, so it is no child of the daemon and the container keeps
 running when the daemon exits or is killed.
 
+Several runtime handlers (runc, crun) can share one OciRuntime: each container is run
+with the handler given at its create, which its persist record keeps, so every later
+call (and a restarted daemon) finds the same binary and state directory again.
+
 Layout under `state_dir`:
 
-    runc/              runc's own state (`runc --root`)
+    runc/              runc's own state (`runc --root`); other handlers' roots beside it
     exits/<id>         conmon's exit file: the exit code; its mtime is the finish time
     sockets/<id>       conmon's link to the bundle, whose `attach` socket it serves
     persist/<id>/      conmon's persist dir: conmon.pid, pidfile (the container's pid),
                        exit, oom, runc.log (runc create's own JSON log), conmon.stderr,
-                       and cripy.json (the bundle, log path and memory cgroup of the container)
+                       and cripy.json (the bundle, log path, handler and memory cgroup of
+                       the container)
     exec/              process specs and pid files of exec_sync calls in flight
 
 conmon also leaves `ctl` and `winsz` fifos and the `attach` socket in the bundle; `delete`
@@ -36,7 +41,7 @@ import re
 import signal
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,8 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write, atomic_write_json, remove_tree
+from cripy.oci.cgroups import CgroupDriver, CgroupfsDriver
+from cripy.oci.handlers import RuntimeHandler, select
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +90,10 @@ class ExecResult:
 
 
 class OciRuntime:
-    """A runc driver; every method takes the container ID runc knows the container by."""
+    """A runc/crun driver; every method takes the container ID runc knows the container by.
+
+    Without `handlers`, the single handler "runc" is `runtime_path` and `conmon_path`.
+    """
 
     #: Upper bound for one runc command (state, start, kill, delete, update).
     command_timeout = 60.0
@@ -95,23 +105,73 @@ class OciRuntime:
     conmon_grace = 5.0
 
     def __init__(
-        self, *, runtime_path: str, conmon_path: str, state_dir: Path, log_level: str = "info"
+        self,
+        *,
+        state_dir: Path,
+        runtime_path: str = "runc",
+        conmon_path: str = "conmon",
+        log_level: str = "info",
+        handlers: Mapping[str, RuntimeHandler] | None = None,
+        default_handler: str = "runc",
+        cgroups: CgroupDriver | None = None,
     ) -> None:
         level = log_level.lower()
         if level not in _CONMON_LOG_LEVELS:
             raise InvalidArgumentError(f"unknown log level {log_level!r}")
-        self.runtime_path = runtime_path
-        self.conmon_path = conmon_path
         self.state_dir = Path(state_dir).absolute()
         self.log_level = level
-        self._runc_root = self.state_dir / "runc"
+        if handlers is None:
+            handlers = {default_handler: RuntimeHandler(
+                default_handler, runtime_path, self.state_dir / "runc", conmon_path)}
+        self.handlers = dict(handlers)
+        self.default_handler = default_handler
+        self.cgroups: CgroupDriver = cgroups or CgroupfsDriver()
         self._exits = self.state_dir / "exits"
         self._sockets = self.state_dir / "sockets"
         self._persist = self.state_dir / "persist"
         self._exec_dir = self.state_dir / "exec"
-        for d in (self._runc_root, self._exits, self._sockets, self._persist, self._exec_dir):
+        roots = [h.root for h in self.handlers.values()]
+        for d in (*roots, self._exits, self._sockets, self._persist, self._exec_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._creating: set[str] = set()  # IDs with a create in flight
+        self._handler_of: dict[str, RuntimeHandler] = {}  # container ID -> its handler
+
+    @property
+    def runtime_path(self) -> str:
+        """The default handler's runtime binary."""
+        return self.handlers[self.default_handler].runtime_path
+
+    @property
+    def conmon_path(self) -> str:
+        return self.handlers[self.default_handler].monitor_path
+
+    def handler(self, name: str) -> RuntimeHandler:
+        """The handler a pod's runtime_handler names ("" is the default): unknown ones are
+        an InvalidArgumentError, ones this host cannot run a FailedPreconditionError."""
+        handler = select(self.handlers, self.default_handler, name)
+        handler.check_usable()
+        return handler
+
+    def handler_of(self, container_id: str) -> RuntimeHandler:
+        """The handler a container was created with (the default for unknown IDs)."""
+        cid = _check_id(container_id)
+        found = self._handler_of.get(cid)
+        if found is not None:
+            return found
+        record = self._record(cid)
+        name = record.get("handler") if record is not None else None
+        if name is None:
+            # No record: the handler whose state directory knows the container.
+            name = next((n for n, h in self.handlers.items() if (h.root / cid).exists()),
+                        self.default_handler)
+        found = self.handlers.get(name)
+        if found is None:
+            raise FailedPreconditionError(
+                f"container {cid} was made by runtime handler {name!r}, which is no longer "
+                f"configured (configured: {', '.join(sorted(self.handlers))})")
+        if record is not None:
+            self._handler_of[cid] = found
+        return found
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -125,19 +185,26 @@ class OciRuntime:
         stdin: bool = False,
         stdin_once: bool = False,
         log_size_max: int = -1,
+        handler: str = "",
+        cgroup_parent: str = "",
     ) -> int:
         """Create the container under a new conmon; returns the container's pid.
 
         The container is left in runc's "created" state: its process waits for `start`.
+        `handler` names the runtime handler ("" is the default); `cgroup_parent` is the
+        pod's, for the cgroup driver to place conmon.
         """
         cid = _check_id(container_id)
+        chosen = self.handler(handler)
         bundle = Path(bundle).absolute()
         log_path = Path(log_path).absolute()
-        if cid in self._creating or (self._runc_root / cid).exists():
+        if cid in self._creating or any((h.root / cid).exists() for h in self.handlers.values()):
             raise AlreadyExistsError(f"container {cid} already exists")
         self._creating.add(cid)
+        self._handler_of[cid] = chosen
         try:
-            return await self._create(cid, bundle, log_path, tty, stdin, stdin_once, log_size_max)
+            return await self._create(cid, bundle, log_path, tty, stdin, stdin_once, log_size_max,
+                                      chosen, cgroup_parent)
         finally:
             self._creating.discard(cid)
 
@@ -150,6 +217,8 @@ class OciRuntime:
         stdin: bool,
         stdin_once: bool,
         log_size_max: int,
+        handler: RuntimeHandler,
+        cgroup_parent: str,
     ) -> int:
         persist = self._persist / cid
         # Whatever is here belongs to an earlier container of this ID that runc forgot.
@@ -157,17 +226,17 @@ class OciRuntime:
         with contextlib.suppress(FileNotFoundError):
             (self._exits / cid).unlink()
         persist.mkdir(mode=0o700)
-        atomic_write_json(
-            persist / "cripy.json", {"bundle": str(bundle), "log_path": str(log_path)}
-        )
+        record = {"bundle": str(bundle), "log_path": str(log_path), "handler": handler.name}
+        atomic_write_json(persist / "cripy.json", record)
 
         argv = [
-            self.conmon_path,
+            *self.cgroups.monitor_prefix(cgroup_parent, cid),
+            handler.monitor_path,
             "--api-version", "1",
             "-c", cid,
             "-u", cid,
             "-n", cid,
-            "-r", self.runtime_path,
+            "-r", handler.runtime_path,
             "-b", str(bundle),
             "-p", str(persist / "pidfile"),
             "-P", str(persist / "conmon.pid"),
@@ -175,9 +244,8 @@ class OciRuntime:
             "--exit-dir", str(self._exits),
             "--persist-dir", str(persist),
             "--socket-dir-path", str(self._sockets),
-            "--runtime-arg", f"--root={self._runc_root}",
+            *self._runtime_args(handler),
             "--runtime-arg", f"--log={persist / 'runc.log'}",
-            "--runtime-arg", "--log-format=json",
             "--log-level", self.log_level,
         ]  # fmt: skip
         if tty:
@@ -190,16 +258,13 @@ class OciRuntime:
             argv += ["--log-size-max", str(log_size_max)]
 
         try:
-            pid = await self._spawn_conmon(cid, argv, persist)
+            pid = await self._spawn_conmon(cid, argv, persist, handler)
         except BaseException:
             await self._undo_create(cid, bundle)
             raise
         cgroup = _memory_cgroup_dir(pid)
         if cgroup is not None:
-            atomic_write_json(
-                persist / "cripy.json",
-                {"bundle": str(bundle), "log_path": str(log_path), "memory_cgroup": cgroup},
-            )
+            atomic_write_json(persist / "cripy.json", {**record, "memory_cgroup": cgroup})
         return pid
 
     async def start(self, container_id: str) -> None:
@@ -213,7 +278,7 @@ class OciRuntime:
         has already stopped is not an error."""
         cid = _check_id(container_id)
         args = ["kill", *(["--all"] if all_processes else []), cid, str(int(signal))]
-        rc, _, err = await self._runc(*args)
+        rc, _, err = await self._runc(*args, cid=cid)
         if rc != 0:
             if "not running" in runc_message(err):
                 return
@@ -251,7 +316,9 @@ class OciRuntime:
             raise _runc_error(f"runc delete {cid}", err)
         record = self._record(cid)
         await self._finish_conmon(cid)
+        await self.cgroups.cleanup(cid)
         self._remove_leftovers(cid, Path(record["bundle"]) if record else None)
+        self._handler_of.pop(cid, None)
 
     async def state(self, container_id: str) -> dict[str, Any] | None:
         """`runc state` as JSON; None when runc does not know the container."""
@@ -413,11 +480,25 @@ class OciRuntime:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def runc_argv(self, *args: str) -> list[str]:
-        return [self.runtime_path, "--root", str(self._runc_root), "--log-format", "json", *args]
+    def runc_argv(self, *args: str, container_id: str | None = None) -> list[str]:
+        """A runtime command line for `container_id`'s handler (without one: the
+        default handler's): binary, global flags, then `args`."""
+        handler = (self.handler_of(container_id) if container_id is not None
+                   else self.handlers[self.default_handler])
+        return [handler.runtime_path, "--root", str(handler.root), "--log-format", "json",
+                *self.cgroups.runtime_args, *args]
 
-    async def _runc(self, *args: str, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-        argv = self.runc_argv(*args)
+    def _runtime_args(self, handler: RuntimeHandler) -> list[str]:
+        """conmon's --runtime-arg flags: the runtime's global flags."""
+        flags = [f"--root={handler.root}", "--log-format=json", *self.cgroups.runtime_args]
+        return [part for flag in flags for part in ("--runtime-arg", flag)]
+
+    async def _runc(self, *args: str, stdin: bytes | None = None, cid: str | None = None
+                    ) -> tuple[int, bytes, bytes]:
+        """Run a runtime command for container `cid` (by default the last argument)."""
+        cid = cid or args[-1]
+        handler = self.handler_of(cid)
+        argv = self.runc_argv(*args, container_id=cid)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -427,7 +508,7 @@ class OciRuntime:
                 start_new_session=True,
             )
         except OSError as e:
-            raise UnavailableError(f"cannot run {self.runtime_path}: {e}") from None
+            raise UnavailableError(f"cannot run {handler.runtime_path}: {e}") from None
         try:
             out, err = await asyncio.wait_for(proc.communicate(stdin), self.command_timeout)
         except BaseException as e:
@@ -443,7 +524,8 @@ class OciRuntime:
         assert proc.returncode is not None
         return proc.returncode, out, err
 
-    async def _spawn_conmon(self, cid: str, argv: list[str], persist: Path) -> int:
+    async def _spawn_conmon(self, cid: str, argv: list[str], persist: Path,
+                            handler: RuntimeHandler) -> int:
         """Start conmon and wait for its sync-pipe answer: the container pid or runc's error."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         stderr_path = persist / "conmon.stderr"
@@ -463,7 +545,8 @@ class OciRuntime:
                         start_new_session=True,
                     )
                 except OSError as e:
-                    raise UnavailableError(f"cannot run conmon {self.conmon_path}: {e}") from None
+                    raise UnavailableError(
+                        f"cannot run conmon {handler.monitor_path}: {e}") from None
             os.close(write_fd)
             write_fd = -1
             # conmon forks, writes the conmon pid file and exits; its child carries on.
@@ -515,7 +598,9 @@ class OciRuntime:
                 log.warning("cleaning up container %s: %s", cid, runc_message(err))
         except CripyError as e:
             log.warning("cleaning up container %s: %s", cid, e)
+        await self.cgroups.cleanup(cid)
         self._remove_leftovers(cid, bundle)
+        self._handler_of.pop(cid, None)
 
     async def _finish_conmon(self, cid: str) -> None:
         """Give conmon a moment to finish on its own, then kill it."""
@@ -572,18 +657,18 @@ class OciRuntime:
         self, cid: str, workdir: Path, spec: Path, timeout: float | None
     ) -> ExecResult:
         pidfile = workdir / "pid"
+        handler = self.handler_of(cid)
         argv = [
-            self.conmon_path,
+            handler.monitor_path,
             "--api-version", "1",
             "-c", cid,
             "-u", workdir.name,
-            "-r", self.runtime_path,
+            "-r", handler.runtime_path,
             "-p", str(pidfile),
             "-P", str(workdir / "conmon.pid"),
             "--exec",
             "--exec-process-spec", str(spec),
-            "--runtime-arg", f"--root={self._runc_root}",
-            "--runtime-arg", "--log-format=json",
+            *self._runtime_args(handler),
             # The command writes straight into our pipes. conmon's own messages would
             # land in its stderr too, so only fatal ones are let through.
             "--log-path", "passthrough",
@@ -609,7 +694,7 @@ class OciRuntime:
                     start_new_session=True,
                 )
             except OSError as e:
-                raise UnavailableError(f"cannot run conmon {self.conmon_path}: {e}") from None
+                raise UnavailableError(f"cannot run conmon {handler.monitor_path}: {e}") from None
             os.close(sync_w)
             sync_w = -1
             capture.start()
@@ -671,7 +756,8 @@ class OciRuntime:
         self, cid: str, workdir: Path, spec: Path, timeout: float | None
     ) -> ExecResult:
         pidfile = workdir / "pid"
-        argv = self.runc_argv("exec", "--process", str(spec), "--pid-file", str(pidfile), cid)
+        argv = self.runc_argv("exec", "--process", str(spec), "--pid-file", str(pidfile), cid,
+                              container_id=cid)
         capture = _Capture()
         # runc's foreground tty mode wants a terminal of its own: it gets one as stdin.
         master, slave = os.openpty()
@@ -686,7 +772,8 @@ class OciRuntime:
                     start_new_session=True,
                 )
             except OSError as e:
-                raise UnavailableError(f"cannot run {self.runtime_path}: {e}") from None
+                raise UnavailableError(
+                    f"cannot run {self.handler_of(cid).runtime_path}: {e}") from None
             capture.start()
             try:
                 try:

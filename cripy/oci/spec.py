@@ -22,13 +22,14 @@ from typing import Any
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cripy.oci import apparmor, seccomp
+from cripy.oci.cgroups import DEFAULT_CGROUPFS_PARENT, CgroupDriver, CgroupfsDriver
 from cripy.oci.user import ProcessUser, resolve_user
 
 log = logging.getLogger(__name__)
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_CGROUP_PARENT = "/cripy"
+DEFAULT_CGROUP_PARENT = DEFAULT_CGROUPFS_PARENT
 INFRA_OOM_SCORE_ADJ = -998  # what kubelet has always given the pause container
 
 # Linux capability numbers (include/uapi/linux/capability.h).
@@ -179,6 +180,7 @@ class SpecContext:
     shm_path: str | None = None  # the pod's /dev/shm; None binds the host's (host IPC)
     oom_score_adj_min: int = -1000  # lowest value this daemon can set
     cgroup_v2: bool = False
+    cgroups: CgroupDriver = field(default_factory=CgroupfsDriver)  # the cgroup driver
     default_seccomp_profile: str = ""  # a profile file for RuntimeDefault; "": built in
     apparmor: apparmor.AppArmorHost = field(default_factory=apparmor.AppArmorHost)  # probed once
 
@@ -776,18 +778,11 @@ def build_sysctls(
     return out
 
 
-def cgroups_path(sandbox: pb.PodSandboxConfig, container_id: str) -> str:
-    """cgroupfs path "<cgroup_parent or /cripy>/cripy-<id>"."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", container_id):
-        raise InvalidArgumentError(f"container id {container_id!r:.80} is not valid")
-    parent = sandbox.linux.cgroup_parent or DEFAULT_CGROUP_PARENT
-    if not parent.startswith("/"):
-        raise InvalidArgumentError(
-            f"cgroup_parent {parent!r:.80} must be an absolute cgroupfs path "
-            "(the systemd cgroup driver is not supported)"
-        )
-    parent = clean_container_path(parent, "cgroup_parent")
-    return f"{parent.rstrip('/')}/cripy-{container_id}"
+def cgroups_path(sandbox: pb.PodSandboxConfig, container_id: str,
+                 driver: CgroupDriver | None = None) -> str:
+    """linux.cgroupsPath: "<cgroup_parent or /cripy>/cripy-<id>" with the cgroupfs
+    driver, "<slice>:cripy:<id>" (unit cripy-<id>.scope) with the systemd one."""
+    return (driver or CgroupfsDriver()).cgroups_path(sandbox.linux.cgroup_parent, container_id)
 
 
 def _namespaces(
@@ -925,7 +920,7 @@ def build_container_spec(
     resources["devices"] = device_rules
 
     linux: dict[str, Any] = {
-        "cgroupsPath": cgroups_path(sandbox, ctx.container_id),
+        "cgroupsPath": cgroups_path(sandbox, ctx.container_id, ctx.cgroups),
         "namespaces": _namespaces(config, ctx, privileged=privileged),
         "resources": resources,
         "devices": devices,
@@ -1000,7 +995,7 @@ def build_infra_spec(
         if m["destination"] in ("/proc", "/dev", "/dev/pts", "/dev/mqueue", "/sys", "/dev/shm")
     ]
     linux: dict[str, Any] = {
-        "cgroupsPath": cgroups_path(sandbox, ctx.container_id),
+        "cgroupsPath": cgroups_path(sandbox, ctx.container_id, ctx.cgroups),
         "namespaces": namespaces,
         "resources": {"devices": _default_device_rules()},
         "maskedPaths": list(DEFAULT_MASKED_PATHS),

@@ -246,7 +246,8 @@ class ContainerManager:
         c = container.config
         container.pid = await self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
-            log_size_max=self.config.runtime.log_size_max)
+            log_size_max=self.config.runtime.log_size_max, handler=sandbox.runtime_handler,
+            cgroup_parent=sandbox.config.linux.cgroup_parent)
         crash_point("create-container-after-conmon")
 
     # --- StartContainer / StopContainer / RemoveContainer -------------------------------

@@ -152,7 +152,9 @@ class SandboxManager:
     # --- RunPodSandbox ------------------------------------------------------------------
 
     async def run(self, config: pb.PodSandboxConfig, runtime_handler: str) -> Sandbox:
-        _validate(config, runtime_handler)
+        _validate(config)
+        self.oci.handler(runtime_handler)  # known, and usable on this host
+        self.oci.cgroups.parent(config.linux.cgroup_parent)  # suits the cgroup driver
         async with self._names:
             sandbox = Sandbox(id=secrets.token_hex(32), config=config,
                               runtime_handler=runtime_handler, created_at=time.time_ns())
@@ -217,7 +219,9 @@ class SandboxManager:
         spec = build_infra_spec(sandbox.config, self.spec_context(sandbox, sandbox.id, rootfs),
                                 rootfs)
         await asyncio.to_thread(atomic_write_json, bundle / "config.json", spec)
-        pid = await self.oci.create(sandbox.id, bundle, bundle / "infra.log")
+        pid = await self.oci.create(sandbox.id, bundle, bundle / "infra.log",
+                                    handler=sandbox.runtime_handler,
+                                    cgroup_parent=sandbox.config.linux.cgroup_parent)
         await self.oci.start(sandbox.id)
         return pid
 
@@ -249,6 +253,7 @@ class SandboxManager:
             shm_path=str(pod_dir / "shm") if sandbox.options.ipc != pb.NODE else None,
             oom_score_adj_min=_own_oom_score_adj(),
             cgroup_v2=host_cgroup_v2(),
+            cgroups=self.oci.cgroups,
             default_seccomp_profile=self.config.runtime.seccomp_profile,
             apparmor=self.apparmor,
         )
@@ -360,15 +365,13 @@ def _namespaces_alive(sandbox: Sandbox) -> bool:
     return all(is_pinned(Path(path)) for path in sandbox.namespaces.values())
 
 
-def _validate(config: pb.PodSandboxConfig, runtime_handler: str) -> None:
+def _validate(config: pb.PodSandboxConfig) -> None:
     m = config.metadata
     for field_name, value in (("name", m.name), ("namespace", m.namespace), ("uid", m.uid)):
         if not value:
             raise InvalidArgumentError(f"pod sandbox metadata.{field_name} is empty")
         if "/" in value or "\x00" in value or len(value) > 253:
             raise InvalidArgumentError(f"pod sandbox metadata.{field_name} {value!r} is invalid")
-    if runtime_handler not in ("", "runc"):
-        raise InvalidArgumentError(f"unknown runtime handler {runtime_handler!r}")
     if config.log_directory and not config.log_directory.startswith("/"):
         raise InvalidArgumentError(
             f"log_directory {config.log_directory!r} must be an absolute path")

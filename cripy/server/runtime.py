@@ -36,8 +36,9 @@ else:  # every RPC answers UNIMPLEMENTED until RuntimeServicer defines it
 
 
 def check_runtime(config: Config) -> Readiness:
-    for role, binary in (("OCI runtime", config.runtime.runtime_path),
-                         ("container monitor", config.runtime.conmon_path)):
+    default = config.runtime.handler("")
+    for role, binary in (("OCI runtime", default.runtime_path),
+                         ("container monitor", default.monitor_path)):
         found = shutil.which(binary) if os.sep not in binary else (
             binary if os.access(binary, os.X_OK) else None)
         if found is None:

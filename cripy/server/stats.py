@@ -7,6 +7,7 @@ writable-layer reads then run in one thread per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cripy.api import api_pb2 as pb
-from cripy.oci.spec import DEFAULT_CGROUP_PARENT, cgroups_path
+from cripy.errors import InvalidArgumentError
 from cripy.runtime.container import CREATED, CREATING, RUNNING, Container, ContainerManager
 from cripy.runtime.sandbox import READY, Sandbox, SandboxManager
 from cripy.runtime.stats import (
@@ -86,7 +87,10 @@ def _container_ref(c: Container, sandbox: Sandbox | None, containers: ContainerM
                    ) -> _ContainerRef:
     cgroup = None
     if sandbox is not None and c.state in (CREATED, RUNNING):
-        cgroup = cgroups_path(sandbox.config, c.id)
+        # Where the cgroup driver put it: a directory, or a systemd scope unit's cgroup.
+        with contextlib.suppress(InvalidArgumentError):
+            cgroup = containers.oci.cgroups.container_dir(sandbox.config.linux.cgroup_parent,
+                                                          c.id)
     meta = sandbox.config.metadata if sandbox is not None else pb.PodSandboxMetadata()
     return _ContainerRef(
         id=c.id,
@@ -106,13 +110,17 @@ def _container_ref(c: Container, sandbox: Sandbox | None, containers: ContainerM
 def _pod_cgroup(sandbox: Sandbox, sandboxes: SandboxManager) -> str | None:
     """The pod's cgroup parent when it is the pod's own (as the kubelet's pod<uid> cgroups
     are); a default or shared parent holds other pods too, so the containers are summed."""
-    parent = sandbox.config.linux.cgroup_parent.rstrip("/")
-    if not parent or parent == DEFAULT_CGROUP_PARENT.rstrip("/"):
+    driver = sandboxes.oci.cgroups
+    try:
+        parent = driver.pod_dir(sandbox.config.linux.cgroup_parent)
+        if parent == driver.pod_dir(""):
+            return None  # the driver's default parent
+        for other in sandboxes.sandboxes.values():
+            if other.id != sandbox.id and \
+                    driver.pod_dir(other.config.linux.cgroup_parent) == parent:
+                return None
+    except InvalidArgumentError:  # a parent of another driver's kind (kept from before)
         return None
-    for other in sandboxes.sandboxes.values():
-        if other.id != sandbox.id and \
-                other.config.linux.cgroup_parent.rstrip("/") == parent:
-            return None
     return parent
 
 

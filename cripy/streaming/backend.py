@@ -138,7 +138,7 @@ class RuntimeStreamBackend:
         runc_log = workdir / "runc.log"
         argv = self.oci.runc_argv(
             "--log", str(runc_log), "exec", *(["--tty"] if target.tty else []),
-            "--process", str(spec), "--pid-file", str(pidfile), cid,
+            "--process", str(spec), "--pid-file", str(pidfile), cid, container_id=cid,
         )  # fmt: skip
         fds = _FdSet()
         null = asyncio.subprocess.DEVNULL
@@ -176,7 +176,7 @@ class RuntimeStreamBackend:
                     start_new_session=True,
                 )
             except OSError as exc:
-                return Outcome(error=f"cannot run {self.oci.runtime_path}: {exc}")
+                return Outcome(error=f"cannot run {argv[0]}: {exc}")
             for fd in (child_in, child_out, child_err):
                 fds.close(fd)  # ours no longer: runc holds them
             outcome = await self._exec_io(

@@ -83,7 +83,10 @@ def container_config(name: str, image: str, command: list[str], *,
 
 
 def cgroup_dirs(parent: str) -> list[Path]:
-    """Every directory of `parent` in every cgroup v1 controller."""
+    """Every directory of `parent`: one per cgroup v1 controller, or the cgroup v2 one."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        unified = CGROUP_ROOT / parent.lstrip("/")
+        return [unified] if unified.is_dir() else []
     found = []
     for controller in CGROUP_ROOT.iterdir():
         path = controller / parent.lstrip("/")

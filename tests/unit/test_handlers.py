@@ -1,0 +1,161 @@
+"""Tests for runtime handler tables (config) and their probing (cripy.oci.handlers)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cripy.config import ConfigError, from_dict, load, render
+from cripy.errors import FailedPreconditionError, InvalidArgumentError
+from cripy.oci.cgroups import HostCgroups
+from cripy.oci.handlers import (
+    host_problem,
+    probe_handler,
+    probe_handlers,
+    runtime_version,
+    select,
+)
+from cripy.oci.runtime import OciRuntime
+
+HYBRID = HostCgroups("hybrid", ("hugetlb",), systemd=False, dbus=False)
+UNIFIED = HostCgroups("unified", ("cpu", "memory"), systemd=True, dbus=True)
+RUNC = shutil.which("runc") or "/usr/sbin/runc"
+CRUN = "/usr/bin/crun"
+
+
+# --- config --------------------------------------------------------------------------
+
+
+def test_default_handlers() -> None:
+    runtime = from_dict({}).runtime
+    assert runtime.default_handler == "runc"
+    assert sorted(runtime.handlers) == ["crun", "runc"]
+    assert runtime.handler("").runtime_path == "runc"
+    assert runtime.handler("crun").runtime_path == CRUN
+    assert runtime.handler("crun").monitor_path == "conmon"
+
+
+def test_handler_tables_are_added_to_the_defaults_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[runtime]\ndefault_handler = "fast"\n'
+                    '[runtime.handlers.fast]\nruntime_path = "/opt/fast"\n'
+                    'runtime_root = "/run/fast"\n'
+                    '[runtime.handlers.crun]\nmonitor_path = "/opt/conmon"\n')
+    runtime = load(path).runtime
+    assert sorted(runtime.handlers) == ["crun", "fast", "runc"]
+    assert runtime.handler("").runtime_path == "/opt/fast"
+    assert runtime.handler("fast").runtime_root == "/run/fast"
+    assert runtime.handler("crun").monitor_path == "/opt/conmon"
+    assert runtime.handler("crun").runtime_path == "runc"  # a table replaces the default one
+    text = render(load(path))
+    assert '[runtime.handlers."fast"]' in text and 'runtime_root = "/run/fast"' in text
+    again = tmp_path / "again.toml"
+    again.write_text(text)
+    assert load(again) == load(path)
+
+
+def test_the_old_keys_set_the_default_handler() -> None:
+    runtime = from_dict({"runtime": {"runtime_path": "/x/runc", "conmon_path": "/x/conmon"}}
+                        ).runtime
+    assert runtime.handler("").runtime_path == "/x/runc"
+    assert runtime.handler("runc").monitor_path == "/x/conmon"
+    assert runtime.handler("crun").runtime_path == CRUN
+
+
+@pytest.mark.parametrize(("runtime", "message"), [
+    ({"default_handler": "kata"}, "runtime.default_handler: 'kata' is not a [runtime.handlers]"),
+    ({"handlers": {"Bad_Name": {}}}, "runtime.handlers.Bad_Name: a handler name"),
+    ({"handlers": {"x": {"runtime_path": ""}}}, "runtime.handlers.x.runtime_path: must not"),
+    ({"handlers": {"x": {"runtime_root": "rel"}}}, "runtime.handlers.x.runtime_root: must be"),
+    ({"handlers": {"x": {"binary": "a"}}}, "unknown config key runtime.handlers.x.binary"),
+    ({"cgroup_manager": "cgroupv3"}, "runtime.cgroup_manager: must be cgroupfs or systemd"),
+    ({"conmon_cgroup": "/x"}, "runtime.conmon_cgroup: must be \"pod\" or a slice"),
+])
+def test_bad_handler_config(runtime: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict({"runtime": runtime})
+    assert message in str(info.value)
+
+
+# --- probing -------------------------------------------------------------------------
+
+
+def test_runtime_version_of_the_real_binaries() -> None:
+    flavor, version, problem = runtime_version(RUNC)
+    assert (flavor, problem) == ("runc", "") and version[0].isdigit()
+    flavor, version, problem = runtime_version(CRUN)
+    assert (flavor, problem) == ("crun", "") and version[0].isdigit()
+
+
+def test_runtime_version_of_what_is_no_runtime(tmp_path: Path) -> None:
+    assert "cannot be run" in runtime_version(str(tmp_path / "missing"))[2]
+    assert "does not look like an OCI runtime" in runtime_version("/bin/false")[2]
+
+
+def test_crun_is_refused_on_hybrid_cgroups_only() -> None:
+    problem = host_problem("crun", HYBRID, "cgroupfs")
+    assert "crun refuses hybrid cgroup hierarchies" in problem and "hugetlb" in problem
+    assert host_problem("crun", UNIFIED, "systemd") == ""
+    assert host_problem("runc", HYBRID, "cgroupfs") == ""
+    no_bus = HostCgroups("unified", ("memory",), systemd=True, dbus=False)
+    assert "D-Bus" in host_problem("crun", no_bus, "systemd")
+    assert host_problem("crun", no_bus, "cgroupfs") == ""
+
+
+def test_the_host_rule_matches_what_crun_does_here(tmp_path: Path) -> None:
+    """On this host the rule's verdict is crun's own: run crun and compare."""
+    from cripy.oci.cgroups import probe_host
+
+    host = probe_host()
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    subprocess.run([CRUN, "spec", "--rootless"], cwd=bundle, check=True, timeout=30)
+    result = subprocess.run([CRUN, "--root", str(tmp_path / "root"), "run", "-b", str(bundle),
+                             "probe"], capture_output=True, text=True, timeout=30)
+    subprocess.run([CRUN, "--root", str(tmp_path / "root"), "delete", "-f", "probe"],
+                   capture_output=True, timeout=30)
+    if host_problem("crun", host, "cgroupfs"):
+        assert result.returncode != 0
+        assert "hybrid" in result.stderr
+    else:
+        assert "hybrid" not in result.stderr
+
+
+def test_probe_handlers_and_select(tmp_path: Path) -> None:
+    config = from_dict({"runtime": {"handlers": {
+        "gone": {"runtime_path": str(tmp_path / "nope")}}}}).runtime
+    handlers = probe_handlers(config, tmp_path / "oci", HYBRID)
+    assert handlers["runc"].flavor == "runc" and handlers["runc"].problem == ""
+    assert handlers["runc"].root == tmp_path / "oci" / "runc"
+    assert handlers["runc"].runtime_path == RUNC  # resolved in PATH for conmon
+    assert "hybrid" in handlers["crun"].problem
+    assert handlers["gone"].problem == "" and "cannot be run" in handlers["gone"].binary_problem
+    assert select(handlers, "runc", "") is handlers["runc"]
+    with pytest.raises(InvalidArgumentError) as info:
+        select(handlers, "runc", "kata")
+    assert "unknown runtime handler 'kata'" in str(info.value)
+    assert "crun, gone, runc" in str(info.value)
+
+
+def test_oci_runtime_handler_lookup(tmp_path: Path) -> None:
+    handlers = {"runc": probe_handler("runc", RUNC, "conmon", tmp_path / "r", HYBRID,
+                                      "cgroupfs"),
+                "crun": probe_handler("crun", CRUN, "conmon", tmp_path / "c", HYBRID,
+                                      "cgroupfs")}
+    oci = OciRuntime(state_dir=tmp_path / "oci", handlers=handlers)
+    assert oci.handler("") is handlers["runc"]
+    assert oci.runtime_path == RUNC
+    with pytest.raises(FailedPreconditionError) as info:
+        oci.handler("crun")
+    assert "runtime handler 'crun' cannot run containers on this host" in str(info.value)
+    with pytest.raises(InvalidArgumentError, match="unknown runtime handler 'x'"):
+        oci.handler("x")
+    # The container's state directory tells which handler made it.
+    (tmp_path / "c" / "ctr1").mkdir()
+    assert oci.handler_of("ctr1") is handlers["crun"]
+    assert oci.handler_of("ctr2") is handlers["runc"]
+    argv = oci.runc_argv("state", "ctr1", container_id="ctr1")
+    assert argv[:3] == [CRUN, "--root", str(tmp_path / "c")]
