@@ -1126,9 +1126,12 @@ def exec_process(
         "env": list(merged.values()),
         "cwd": cwd or base.get("cwd") or "/",
     }
-    # Not apparmorProfile (the host may have no AppArmor) nor oomScoreAdj (runc would
-    # have to set it again, which needs CAP_SYS_RESOURCE to lower it).
-    for key in ("capabilities", "noNewPrivileges", "rlimits", "selinuxLabel"):
+    # The container's AppArmor profile too (runc does not carry it over to an exec
+    # process itself; the spec names one only where the node has AppArmor). Not
+    # oomScoreAdj (runc would have to set it again, which needs CAP_SYS_RESOURCE to
+    # lower it).
+    for key in ("capabilities", "noNewPrivileges", "rlimits", "selinuxLabel",
+                "apparmorProfile"):
         if key in base:
             process[key] = base[key]
     return process
