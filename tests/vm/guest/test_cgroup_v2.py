@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-import pytest
 
 from cripy.api import api_pb2 as pb
 from tests.vm.guest.node import GuestPods, cgroup_file, flat_keyed, wait_for
@@ -54,13 +53,7 @@ def test_container_and_pod_stats_come_from_the_v2_files(pods: GuestPods) -> None
     assert [c.attributes.id for c in pod.linux.containers] == [cid]
 
 
-def test_past_memory_max_is_oomkilled(pods: GuestPods, request: pytest.FixtureRequest) -> None:
-    if pods.node.driver == "systemd":
-        # Known bug, strict: this turns red once it passes. systemd removes the scope's
-        # cgroup right after the OOM kill empties it, so the OOM counter cripy reads after
-        # the exit (and conmon's) is gone: the status says Error, not OOMKilled.
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="systemd driver: OOM kill not detected once the scope is gone"))
+def test_past_memory_max_is_oomkilled(pods: GuestPods) -> None:
     resources = pb.LinuxContainerResources(memory_limit_in_bytes=16 * MiB)
     cid = pods.create(pods.run("oom"), "hog",
                       ["sh", "-c", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done"],
