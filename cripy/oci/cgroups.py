@@ -146,8 +146,9 @@ class CgroupDriver(Protocol):
         """The OCI spec's linux.cgroupsPath of a container."""
         ...
 
-    def container_dir(self, cgroup_parent: str, container_id: str) -> str:
-        """The container's cgroup as a path below the cgroup root ("/a/b")."""
+    def container_dir(self, cgroup_parent: str, container_id: str, runtime: str = "") -> str:
+        """The cgroup of the container's processes as a path below the cgroup root
+        ("/a/b"); `runtime` is the OCI runtime's kind ("runc", "crun")."""
         ...
 
     def pod_dir(self, cgroup_parent: str) -> str:
@@ -186,7 +187,7 @@ class CgroupfsDriver:
     def cgroups_path(self, cgroup_parent: str, container_id: str) -> str:
         return self.container_dir(cgroup_parent, container_id)
 
-    def container_dir(self, cgroup_parent: str, container_id: str) -> str:
+    def container_dir(self, cgroup_parent: str, container_id: str, runtime: str = "") -> str:
         parent = self.parent(cgroup_parent).rstrip("/")
         return f"{parent}/{CONTAINER_PREFIX}-{_check_id(container_id)}"
 
@@ -209,10 +210,11 @@ class SystemdDriver:
     command_timeout = 30.0
 
     def __init__(self, conmon_cgroup: str = "pod", systemctl: str = "systemctl",
-                 systemd_run: str = "systemd-run") -> None:
+                 systemd_run: str = "systemd-run", cgroup_v2: bool = True) -> None:
         self.conmon_cgroup = conmon_cgroup
         self.systemctl = systemctl
         self.systemd_run = systemd_run
+        self.cgroup_v2 = cgroup_v2
 
     def parent(self, cgroup_parent: str) -> str:
         """The slice name; the kubelet's expanded form must expand back to itself."""
@@ -234,8 +236,11 @@ class SystemdDriver:
         # runc's and crun's systemd form "slice:prefix:name" -> unit "prefix-name.scope"
         return f"{self.parent(cgroup_parent)}:{CONTAINER_PREFIX}:{_check_id(container_id)}"
 
-    def container_dir(self, cgroup_parent: str, container_id: str) -> str:
-        return f"{self.pod_dir(cgroup_parent).rstrip('/')}/{scope_unit(container_id)}"
+    def container_dir(self, cgroup_parent: str, container_id: str, runtime: str = "") -> str:
+        scope = f"{self.pod_dir(cgroup_parent).rstrip('/')}/{scope_unit(container_id)}"
+        # crun (systemd mode, cgroup v2) runs the container in a "container" child of its
+        # scope, and sets the limits there.
+        return f"{scope}/container" if runtime == "crun" and self.cgroup_v2 else scope
 
     def pod_dir(self, cgroup_parent: str) -> str:
         return expand_slice(self.parent(cgroup_parent))
@@ -317,7 +322,8 @@ def make_driver(name: str, host: HostCgroups, *, conmon_cgroup: str = "pod") -> 
         raise FailedPreconditionError(
             f"the systemd cgroup driver needs {' and '.join(missing)}, not found in PATH")
     return SystemdDriver(conmon_cgroup, systemctl=tools["systemctl"] or "systemctl",
-                         systemd_run=tools["systemd-run"] or "systemd-run")
+                         systemd_run=tools["systemd-run"] or "systemd-run",
+                         cgroup_v2=host.cgroup_v2)
 
 
 def _pid1_name() -> str:

@@ -155,6 +155,13 @@ class OciRuntime:
         handler.check_usable()
         return handler
 
+    def container_cgroup(self, cgroup_parent: str, container_id: str, handler: str) -> str:
+        """Where the cgroup driver and `handler` (a pod's runtime_handler) put the
+        container's processes: a path below the cgroup root. No I/O."""
+        known = self.handlers.get(handler or self.default_handler)
+        return self.cgroups.container_dir(cgroup_parent, container_id,
+                                          known.flavor if known is not None else "")
+
     def handler_of(self, container_id: str) -> RuntimeHandler:
         """The handler a container was created with (the default for unknown IDs)."""
         cid = _check_id(container_id)
@@ -224,7 +231,8 @@ class OciRuntime:
         cgroup_parent: str,
     ) -> int:
         persist = self._persist / cid
-        record = {"bundle": str(bundle), "log_path": str(log_path), "handler": handler.name}
+        record: dict[str, Any] = {"bundle": str(bundle), "log_path": str(log_path),
+                                  "handler": handler.name}
 
         def prepare() -> None:  # file system work: in a thread
             # Whatever is here belongs to an earlier container of this ID that runc forgot.
@@ -272,8 +280,18 @@ class OciRuntime:
 
         def note_cgroup() -> None:  # /proc and mountinfo reads, a file write: in a thread
             cgroup = _memory_cgroup_dir(pid)
-            if cgroup is not None:
-                atomic_write_json(persist / "cripy.json", {**record, "memory_cgroup": cgroup})
+            if cgroup is None:
+                return
+            record["memory_cgroup"] = cgroup
+            # systemd removes a scope's cgroup (and its OOM counter) as soon as it is
+            # empty; the pod's cgroup above it stays and counts its descendants' OOM kills.
+            pod = None
+            with contextlib.suppress(InvalidArgumentError):  # the spec checked it already
+                pod = _pod_memory_dir(Path(cgroup), self.cgroups.pod_dir(cgroup_parent))
+            if pod is not None:
+                record["pod_cgroup"] = str(pod)
+                record["pod_oom_kills"] = _oom_kill_count(pod)
+            atomic_write_json(persist / "cripy.json", record)
 
         await asyncio.to_thread(note_cgroup)
         return pid
@@ -363,7 +381,7 @@ class OciRuntime:
             except ValueError:
                 log.warning("exit file %s holds %r, not an exit code", path, text[:40])
                 code = UNKNOWN_EXIT_CODE
-            return ExitStatus(code, finished_at, self._oom_killed(cid))
+            return ExitStatus(code, finished_at, self._oom_killed(cid, code))
         return None
 
     async def wait_exit(self, container_id: str, timeout: float | None) -> ExitStatus | None:
@@ -891,7 +909,7 @@ class OciRuntime:
     def _conmon_alive(self, cid: str) -> bool:
         return self.conmon_pid(cid) is not None
 
-    def _oom_killed(self, cid: str) -> bool:
+    def _oom_killed(self, cid: str, exit_code: int) -> bool:
         persist = self._persist / cid
         if (persist / "oom").exists():
             return True
@@ -899,7 +917,16 @@ class OciRuntime:
         record = self._record(cid)
         if record is None or "memory_cgroup" not in record:
             return False
-        return _oom_kill_count(Path(record["memory_cgroup"])) > 0
+        own = Path(str(record["memory_cgroup"]))
+        if own.exists():
+            return _oom_kill_count(own) > 0
+        # The cgroup went with its systemd scope: a SIGKILL exit while the pod's cgroup
+        # counted a new OOM kill is this container's (a sibling's kill at the same time
+        # could be taken for it).
+        pod = record.get("pod_cgroup")
+        if pod is None or exit_code != 128 + signal.SIGKILL:
+            return False
+        return _oom_kill_count(Path(str(pod))) > int(record.get("pod_oom_kills", 0))
 
 
 # -- module helpers ---------------------------------------------------------------------
@@ -1138,9 +1165,12 @@ def exec_process(
         "env": list(merged.values()),
         "cwd": cwd or base.get("cwd") or "/",
     }
-    # Not apparmorProfile (the host may have no AppArmor) nor oomScoreAdj (runc would
-    # have to set it again, which needs CAP_SYS_RESOURCE to lower it).
-    for key in ("capabilities", "noNewPrivileges", "rlimits", "selinuxLabel"):
+    # The container's AppArmor profile too (runc does not carry it over to an exec
+    # process itself; the spec names one only where the node has AppArmor). Not
+    # oomScoreAdj (runc would have to set it again, which needs CAP_SYS_RESOURCE to
+    # lower it).
+    for key in ("capabilities", "noNewPrivileges", "rlimits", "selinuxLabel",
+                "apparmorProfile"):
         if key in base:
             process[key] = base[key]
     return process
@@ -1187,6 +1217,18 @@ def _memory_cgroup_dir(pid: int) -> str | None:
         candidate = os.path.join(mounts[""], v2.lstrip("/"))
         if os.path.exists(os.path.join(candidate, "memory.events")):
             return candidate
+    return None
+
+
+def _pod_memory_dir(container: Path, pod_dir: str) -> Path | None:
+    """The pod's cgroup v2 directory above `container` (whose cgroup is `pod_dir` plus
+    more), when it has memory accounting; None on v1 or when it is not an ancestor."""
+    parts = tuple(p for p in pod_dir.split("/") if p)
+    if not parts:
+        return None
+    for candidate in container.parents:
+        if candidate.parts[-len(parts):] == parts:
+            return candidate if (candidate / "memory.events").exists() else None
     return None
 
 

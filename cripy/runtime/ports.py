@@ -25,6 +25,8 @@ class OciDriver(Protocol):
     cgroups: CgroupDriver
 
     def handler(self, name: str) -> RuntimeHandler: ...
+    def container_cgroup(self, cgroup_parent: str, container_id: str, handler: str
+                         ) -> str: ...
     async def create(self, container_id: str, bundle: Path, log_path: Path, *,
                      tty: bool = False, stdin: bool = False, stdin_once: bool = False,
                      log_size_max: int = -1, handler: str = "",

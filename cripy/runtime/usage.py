@@ -93,8 +93,8 @@ def container_ref(c: Container, sandbox: Sandbox | None, containers: ContainerMa
     if sandbox is not None and c.live:
         # Where the cgroup driver put it: a directory, or a systemd scope unit's cgroup.
         with contextlib.suppress(InvalidArgumentError):
-            cgroup = containers.oci.cgroups.container_dir(sandbox.config.linux.cgroup_parent,
-                                                          c.id)
+            cgroup = containers.oci.container_cgroup(sandbox.config.linux.cgroup_parent, c.id,
+                                                     sandbox.runtime_handler)
     meta = sandbox.config.metadata if sandbox is not None else pb.PodSandboxMetadata()
     return ContainerRef(
         id=c.id,

@@ -19,6 +19,7 @@ from cripy.oci.apparmor import (
     probe,
     requested,
 )
+from cripy.oci.runtime import exec_process
 
 SC = pb.LinuxContainerSecurityContext
 SP = pb.SecurityProfile
@@ -170,3 +171,13 @@ def test_an_already_loaded_default_is_used_when_reloading_fails(tmp_path: Path) 
     if probe().enabled:  # the real kernel: loading works, the fake list is not consulted
         assert host.default_error == ""
     assert container_profile(SC(), privileged=False, host=host) == DEFAULT_PROFILE
+
+
+def test_an_exec_runs_under_the_containers_profile() -> None:
+    """runc gives an exec process only the profile its process spec names."""
+    config = {"process": {"args": ["sleep", "1"], "apparmorProfile": DEFAULT_PROFILE,
+                          "oomScoreAdj": 5}}
+    process = exec_process(config, ["cat", "/proc/self/attr/current"], None, None, False)
+    assert process["apparmorProfile"] == DEFAULT_PROFILE
+    assert "oomScoreAdj" not in process
+    assert "apparmorProfile" not in exec_process({"process": {}}, ["true"], None, None, False)

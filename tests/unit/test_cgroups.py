@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,14 @@ def test_systemd_driver_takes_both_slice_forms(parent: str) -> None:
     assert d.container_dir(parent, "abc") == f"{POD_SLICE_PATH}/cripy-abc.scope"
     assert d.pod_dir(parent) == POD_SLICE_PATH
     assert d.runtime_args == ("--systemd-cgroup",)
+
+
+def test_crun_puts_its_systemd_containers_one_level_down_on_v2() -> None:
+    scope = f"{POD_SLICE_PATH}/cripy-abc.scope"
+    assert SystemdDriver().container_dir(POD_SLICE, "abc", "crun") == f"{scope}/container"
+    assert SystemdDriver().container_dir(POD_SLICE, "abc", "runc") == scope
+    assert SystemdDriver(cgroup_v2=False).container_dir(POD_SLICE, "abc", "crun") == scope
+    assert CgroupfsDriver().container_dir("/p", "abc", "crun") == "/p/cripy-abc"
 
 
 def test_systemd_driver_default_parent_is_system_slice() -> None:
@@ -192,3 +201,38 @@ def test_systemd_cleanup_stops_only_loaded_units(tmp_path: Path) -> None:
     lines = calls.read_text().splitlines()
     assert lines[0].startswith("show ")
     assert lines[1:] == ["stop -- cripy-abc.scope", "reset-failed -- cripy-abc.scope"]
+
+
+def _events(directory: Path, oom_kills: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "memory.events").write_text(
+        f"low 0\nhigh 0\nmax 3\noom {oom_kills}\noom_kill {oom_kills}\n")
+
+
+def test_an_oom_kill_is_found_after_systemd_removed_the_scope(tmp_path: Path) -> None:
+    """The scope's cgroup is gone; the pod's cgroup counted the kill."""
+    from cripy.oci.runtime import OciRuntime, _pod_memory_dir
+
+    pod = tmp_path / "cg" / POD_SLICE_PATH.lstrip("/")
+    scope = pod / "cripy-abc.scope"
+    _events(pod, 2)
+    scope.mkdir()
+    assert _pod_memory_dir(scope / "container", POD_SLICE_PATH) == pod
+    assert _pod_memory_dir(scope, "/elsewhere.slice") is None
+    scope.rmdir()
+    oci = OciRuntime(state_dir=tmp_path / "oci", cgroups=SystemdDriver())
+    persist = tmp_path / "oci" / "persist" / "abc"
+    persist.mkdir()
+    (persist / "cripy.json").write_text(json.dumps({
+        "bundle": str(tmp_path), "log_path": str(tmp_path / "log"), "handler": "runc",
+        "memory_cgroup": str(scope), "pod_cgroup": str(pod), "pod_oom_kills": 2}))
+    exit_file = tmp_path / "oci" / "exits" / "abc"
+    exit_file.write_text("137")
+    status = oci.exit_status("abc")
+    assert status is not None and status.exit_code == 137 and not status.oom_killed
+    _events(pod, 3)  # a new kill below the pod while the container ran
+    status = oci.exit_status("abc")
+    assert status is not None and status.oom_killed
+    exit_file.write_text("0")  # a clean exit was no OOM kill, whatever the pod counted
+    status = oci.exit_status("abc")
+    assert status is not None and not status.oom_killed

@@ -61,6 +61,9 @@ class FakeOci:
         handler.check_usable()
         return handler
 
+    def container_cgroup(self, cgroup_parent: str, container_id: str, handler: str) -> str:
+        return self.cgroups.container_dir(cgroup_parent, container_id)
+
     async def create(self, container_id: str, bundle: Path, log_path: Path, *,
                      tty: bool = False, stdin: bool = False, stdin_once: bool = False,
                      log_size_max: int = -1, handler: str = "",

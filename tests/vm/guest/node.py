@@ -26,7 +26,7 @@ CONTROLLERS = ("cpuset", "cpu", "io", "memory", "hugetlb", "pids")
 #: Where the guest writes what the host keeps (the results share).
 RESULTS = Path(os.environ.get("CRIPY_VM_RESULTS", "/tmp"))
 
-DRIVERS = ("cgroupfs",)
+DRIVERS = ("cgroupfs", "systemd")
 
 
 def cgroup_file(directory: Path, name: str) -> str:
@@ -152,7 +152,7 @@ class SystemdLayout(KubeletLayout):
         return self.pod_dir(uid) / f"cripy-{container_id}.scope"
 
     def leaked_units(self) -> list[str]:
-        out = systemctl("list-units", "--all", "--plain", "--no-legend", "cripy-*")
+        out = systemctl("list-units", "--all", "--plain", "--no-legend", "cripy-*.scope")
         return [f"unit {line.split()[0]}" for line in out.splitlines() if line.strip()]
 
     def close(self) -> None:
@@ -186,12 +186,13 @@ class GuestPods(Pods):
     node: GuestNode
     uids: dict[str, str] = field(default_factory=dict)  # pod id -> uid
 
-    def run(self, name: str = "", **kwargs: Any) -> str:
+    def run(self, name: str = "", privileged: bool = False, **kwargs: Any) -> str:
         uid = secrets.token_hex(8)
         parent = self.node.layout.create_pod(uid)
         config = pod_config(name or "pod-" + secrets.token_hex(3), self.log_dir,
                             cgroup_parent=parent, **kwargs)
         config.metadata.uid = uid
+        config.linux.security_context.privileged = privileged
         try:
             pod_id: str = self.runtime.RunPodSandbox(
                 pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
