@@ -16,7 +16,7 @@ from tests.vm.initramfs import (
     module_bytes,
     module_file,
 )
-from tests.vm.machine import guest_units, kernel_cmdline
+from tests.vm.machine import covered_by_tmpfs, guest_units, kernel_cmdline
 
 
 def test_cpio_reads_the_archive_back(tmp_path: Path) -> None:
@@ -54,3 +54,13 @@ def test_init_mounts_the_shares_and_hands_over_to_systemd() -> None:
     assert "ExecStart=/src/cripy/.venv/bin/python -m tests.vm.inguest" in script
     assert script.rstrip().endswith("exec switch_root /newroot /lib/systemd/systemd")
     assert "systemd.unified_cgroup_hierarchy=1" in kernel_cmdline()
+
+
+def test_a_checkout_under_a_guest_tmpfs_stays_visible() -> None:
+    assert covered_by_tmpfs(Path("/srv/cripy")) == []
+    assert covered_by_tmpfs(Path("/tmp/ci/cripy")) == ["/tmp/ci/cripy"]
+    script = init_script(GuestSetup(masked_units=[], units={}, tmpfs={"/tmp": "1G"},
+                                    default_target="x.target", keep_visible=["/tmp/ci/cripy"]))
+    mount_tmp = script.index("tmpfs /newroot/tmp")
+    bind = script.index("mount --bind /lower/tmp/ci/cripy /newroot/tmp/ci/cripy")
+    assert mount_tmp < bind

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from tests.vm.machine import Machine, VmError, VmOptions
@@ -31,10 +32,15 @@ def main(argv: list[str]) -> int:
         pytest_args=pytest_args, memory_mib=opts.memory, cpus=opts.cpus,
         boot_timeout=opts.boot_timeout, timeout=opts.timeout, accel=opts.accel,
         console=opts.console, keep=opts.keep))
+    started = time.monotonic()
     try:
         run = machine.run()
     except VmError as error:
         print(f"vm: FAILED: {error}", flush=True)
+        # the last line stays a pytest-style summary, for whoever reads only that
+        reason = str(error).splitlines()[0]
+        print(f"1 error in {time.monotonic() - started:.1f}s (the VM suite did not run: "
+              f"{reason})", flush=True)
         return 3
     except KeyboardInterrupt as interrupt:
         print(f"vm: interrupted ({interrupt}); qemu killed, temp files removed", flush=True)

@@ -78,6 +78,9 @@ class GuestSetup:
     tmpfs: dict[str, str]
     #: The unit systemd starts (one of `units`).
     default_target: str
+    #: Host directories that must stay visible although a tmpfs above covers them (a
+    #: checkout under /tmp): bound from the read-only share, at the same path.
+    keep_visible: Sequence[str] = ()
     hostname: str = "cripy-vm"
 
 
@@ -125,6 +128,9 @@ def init_script(setup: GuestSetup) -> str:
         lines.append(f"mkdir -p /newroot{q(path)}")
         lines.append(f"mount -t tmpfs -o size={size},mode={mode} tmpfs /newroot{q(path)}"
                      f" || fail {q('tmpfs ' + path)}")
+    for path in setup.keep_visible:
+        lines.append(f"mkdir -p /newroot{q(path)} && mount --bind /lower{q(path)} /newroot{q(path)}"
+                     f" || fail {q('bind ' + path)}")
     lines += [
         f"mkdir -p /newroot{GUEST_RESULTS}",
         f"mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {RESULTS_TAG}"

@@ -117,6 +117,13 @@ def find_kernel() -> tuple[Path, Path]:
     return image, modules
 
 
+def covered_by_tmpfs(checkout: Path) -> list[str]:
+    """[checkout] when one of the guest's tmpfs mounts would hide it, else []."""
+    if any(checkout.is_relative_to(path) for path in GUEST_TMPFS):
+        return [str(checkout)]
+    return []
+
+
 def kernel_cmdline() -> str:
     return " ".join([
         "console=ttyS0", "panic=-1", "quiet", "loglevel=3",
@@ -229,13 +236,31 @@ def _terminate_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+WORKDIR_PREFIX = "cripy-vm-"
+OWNER = "owner.pid"
+
+
+def remove_abandoned_workdirs() -> None:
+    """Remove the temp dirs of earlier runs whose runner was killed (SIGKILL leaves them;
+    their qemu died with the runner)."""
+    for workdir in Path(tempfile.gettempdir()).glob(WORKDIR_PREFIX + "*"):
+        try:
+            pid = int((workdir / OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 class Machine:
     """One VM run in its own temp dir; use `run()`."""
 
     def __init__(self, opts: VmOptions) -> None:
         self.opts = opts
         self.out = opts.out
-        self.workdir = Path(tempfile.mkdtemp(prefix="cripy-vm-"))
+        remove_abandoned_workdirs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        (self.workdir / OWNER).write_text(str(os.getpid()))
         self.results = self.workdir / "results"
         self.results.mkdir()
         self.console_log = self.workdir / "console.log"
@@ -261,7 +286,8 @@ class Machine:
         started = time.monotonic()
         kernel, modules = find_kernel()
         setup = GuestSetup(masked_units=MASKED_UNITS, units=guest_units(CHECKOUT),
-                           tmpfs=GUEST_TMPFS, default_target="cripy-vm.target")
+                           tmpfs=GUEST_TMPFS, default_target="cripy-vm.target",
+                           keep_visible=covered_by_tmpfs(CHECKOUT))
         initrd = self.workdir / "initramfs.cpio"
         initrd.write_bytes(build_initramfs(modules, setup))
         request = {"pytest_args": list(self.opts.pytest_args)}

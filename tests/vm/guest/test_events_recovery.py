@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cripy.api import api_pb2 as pb
 from tests.integration.test_events import Subscriber
-from tests.vm.guest.node import GuestNode, GuestPods, cgroup_file
+from tests.vm.guest.node import GuestNode, GuestPods, cgroup_file, wait_for
 
 
 def test_lifecycle_events(pods: GuestPods) -> None:
@@ -39,3 +39,16 @@ def test_a_running_container_survives_a_daemon_crash(pods: GuestPods, node: Gues
     listed = pods.runtime.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
         state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING)))).containers
     assert cid in [c.id for c in listed]
+
+
+def test_an_exit_while_the_daemon_is_down_is_reported_after_a_restart(
+        pods: GuestPods, node: GuestNode) -> None:
+    cid = pods.create(pods.run("gone"), "gone", ["sh", "-c", "sleep 4; exit 7"])
+    pid = pods.pid(cid)
+    node.daemon.kill()
+    wait_for("the container's exit", lambda: not Path(f"/proc/{pid}").exists())
+    node.daemon.start()
+    status = pods.status(cid).status
+    assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 7, "Error")
+    assert status.finished_at > status.started_at
+    # removing the pod afterwards leaves nothing (the pods fixture checks cgroups and units)
