@@ -387,7 +387,10 @@ def test_interactive_exec_and_port_forward(ctl: Ctl) -> None:
     forward = subprocess.Popen(
         [sys.executable, "-m", "cripy", "ctl", "-r", ctl.node.daemon.endpoint,
          "port-forward", pod_id, f"{local}:8080"], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+        stderr=subprocess.PIPE,
+        # Ctrl-C as a terminal sends it, even when this suite runs as a background job
+        # (which starts children with SIGINT ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 20
         while True:
