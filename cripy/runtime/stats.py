@@ -31,6 +31,41 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 @dataclass(frozen=True)
+class PressureLine:
+    """One line of a cgroup v2 *.pressure file: stall percentages and the total."""
+
+    avg10: float
+    avg60: float
+    avg300: float
+    total_ns: int
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """Pressure stall information of one resource ("some" and, where given, "full")."""
+
+    some: PressureLine
+    full: PressureLine | None = None
+
+
+def parse_pressure(text: str) -> Pressure | None:
+    """`some avg10=0.12 avg60=0.05 avg300=0.01 total=12345` lines (total in microseconds);
+    None when there is no "some" line."""
+    lines: dict[str, PressureLine] = {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        try:
+            fields = dict(item.split("=", 1) for item in rest.split())
+            lines[kind] = PressureLine(float(fields["avg10"]), float(fields["avg60"]),
+                                       float(fields["avg300"]), int(fields["total"]) * 1000)
+        except (KeyError, ValueError):
+            continue
+    if "some" not in lines:
+        return None
+    return Pressure(lines["some"], lines.get("full"))
+
+
+@dataclass(frozen=True)
 class CgroupStats:
     """One sample of a cgroup's counters (bytes, nanoseconds, counts)."""
 
@@ -50,6 +85,10 @@ class CgroupStats:
     swap_limit: int | None = None
     oom_kills: int = 0
     processes: int = 0  # processes directly in this cgroup (cgroup.procs)
+    # pressure stall information (cgroup v2 with PSI in the kernel), else None
+    cpu_pressure: Pressure | None = None
+    memory_pressure: Pressure | None = None
+    io_pressure: Pressure | None = None
 
     @property
     def memory_available(self) -> int | None:
@@ -119,7 +158,15 @@ def _read_v2(directory: Path) -> CgroupStats | None:
         swap_limit=_single(directory / "memory.swap.max") if swap is not None else None,
         oom_kills=_flat_keyed(directory / "memory.events").get("oom_kill", 0),
         processes=_count_lines(directory / "cgroup.procs"),
+        cpu_pressure=_pressure(directory / "cpu.pressure"),
+        memory_pressure=_pressure(directory / "memory.pressure"),
+        io_pressure=_pressure(directory / "io.pressure"),
     )
+
+
+def _pressure(path: Path) -> Pressure | None:
+    text = _read(path)  # absent where the kernel has no PSI (or it is off: psi=0)
+    return parse_pressure(text) if text else None
 
 
 def _read_v1(root: Path, relative: Path) -> CgroupStats | None:

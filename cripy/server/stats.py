@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cripy.api import api_pb2 as pb
-from cripy.runtime.stats import CgroupStats, InterfaceStats
+from cripy.runtime.stats import CgroupStats, InterfaceStats, Pressure, PressureLine
 from cripy.runtime.usage import ContainerSample, PodSample, StatsCollector
 from cripy.server.rpc import Context, rpc
 
@@ -25,12 +25,32 @@ def _u64(value: int) -> pb.UInt64Value:
     return pb.UInt64Value(value=max(value, 0))
 
 
+def _psi_data(line: PressureLine) -> pb.PsiData:
+    return pb.PsiData(Total=line.total_ns, Avg10=line.avg10, Avg60=line.avg60,
+                      Avg300=line.avg300)
+
+
+def _psi(pressure: Pressure) -> pb.PsiStats:
+    psi = pb.PsiStats(Some=_psi_data(pressure.some))
+    if pressure.full is not None:
+        psi.Full.CopyFrom(_psi_data(pressure.full))
+    return psi
+
+
 def _cpu(stats: CgroupStats, rate: int | None) -> pb.CpuUsage:
     cpu = pb.CpuUsage(timestamp=stats.timestamp_ns,
                       usage_core_nano_seconds=_u64(stats.cpu_usage_ns))
     if rate is not None:
         cpu.usage_nano_cores.CopyFrom(_u64(rate))
+    if stats.cpu_pressure is not None:
+        cpu.psi.CopyFrom(_psi(stats.cpu_pressure))
     return cpu
+
+
+def _io(stats: CgroupStats) -> pb.IoUsage | None:
+    if stats.io_pressure is None:
+        return None
+    return pb.IoUsage(timestamp=stats.timestamp_ns, psi=_psi(stats.io_pressure))
 
 
 def _memory(stats: CgroupStats) -> pb.MemoryUsage:
@@ -41,6 +61,8 @@ def _memory(stats: CgroupStats) -> pb.MemoryUsage:
     available = stats.memory_available
     if available is not None:
         memory.available_bytes.CopyFrom(_u64(available))
+    if stats.memory_pressure is not None:
+        memory.psi.CopyFrom(_psi(stats.memory_pressure))
     return memory
 
 
@@ -56,6 +78,9 @@ def _container_stats(sample: ContainerSample) -> pb.ContainerStats:
     if stats is not None:
         out.cpu.CopyFrom(_cpu(stats, sample.cpu_rate))
         out.memory.CopyFrom(_memory(stats))
+        io = _io(stats)
+        if io is not None:
+            out.io.CopyFrom(io)
         if stats.swap_usage is not None:
             out.swap.timestamp = stats.timestamp_ns
             out.swap.swap_usage_bytes.value = stats.swap_usage
@@ -77,6 +102,9 @@ def _pod_stats(sample: PodSample) -> pb.PodSandboxStats:
     if stats is not None:
         linux.cpu.CopyFrom(_cpu(stats, sample.cpu_rate))
         linux.memory.CopyFrom(_memory(stats))
+        io = _io(stats)
+        if io is not None:
+            linux.io.CopyFrom(io)
         linux.process.CopyFrom(pb.ProcessUsage(timestamp=stats.timestamp_ns,
                                                process_count=_u64(stats.pids)))
     if sample.network is not None:

@@ -4,6 +4,7 @@ writable-layer cache, CPU rates, and the CRI messages and metrics built from the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import textwrap
 import time
@@ -24,9 +25,12 @@ from cripy.runtime.stats import (
     InterfaceStats,
     LayerUsage,
     LayerUsageCache,
+    Pressure,
+    PressureLine,
     combine,
     layer_usage,
     parse_net_dev,
+    parse_pressure,
     read_cgroup_stats,
     read_net_dev,
 )
@@ -276,6 +280,36 @@ def test_v2_every_field(tmp_path: Path) -> None:
     assert stats.swap_limit is None
 
 
+def test_v2_pressure_stall_information(tmp_path: Path) -> None:
+    root = v2_tree(tmp_path)
+    cgroup = root / CGROUP.lstrip("/")
+    write_files(cgroup, {
+        "cpu.pressure": "some avg10=1.50 avg60=0.75 avg300=0.25 total=123456\n"
+                        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+        "memory.pressure": "some avg10=0.00 avg60=0.00 avg300=0.00 total=7\n"
+                           "full avg10=0.00 avg60=0.00 avg300=0.00 total=3\n",
+        "io.pressure": "some avg10=2.00 avg60=1.00 avg300=0.50 total=99\n",
+    })
+    stats = read_cgroup_stats(CGROUP, root)
+    assert stats is not None
+    assert stats.cpu_pressure == Pressure(PressureLine(1.5, 0.75, 0.25, 123_456_000),
+                                          PressureLine(0.0, 0.0, 0.0, 0))
+    assert stats.memory_pressure is not None and stats.memory_pressure.full is not None
+    assert stats.memory_pressure.full.total_ns == 3000
+    assert stats.io_pressure == Pressure(PressureLine(2.0, 1.0, 0.5, 99_000))
+    # without PSI in the kernel the files are absent: no pressure, the rest as before
+    without = read_cgroup_stats(CGROUP, v2_tree(tmp_path / "nopsi"))
+    assert without is not None and without.cpu_pressure is None
+
+
+def test_parse_pressure_skips_what_it_cannot_read() -> None:
+    assert parse_pressure("") is None
+    assert parse_pressure("full avg10=0.00 avg60=0.00 avg300=0.00 total=1\n") is None
+    assert parse_pressure("some avg10=x avg60=0 avg300=0 total=1\n") is None
+    parsed = parse_pressure("some avg10=0.10 avg60=0.20 avg300=0.30 total=5\nbogus\n")
+    assert parsed == Pressure(PressureLine(0.1, 0.2, 0.3, 5000))
+
+
 def test_v2_working_set_floor_and_limit(tmp_path: Path) -> None:
     stats = read_cgroup_stats(CGROUP, v2_tree(tmp_path, usage=4_000_000,
                                               memory_max="134217728"))
@@ -426,6 +460,16 @@ def test_container_stats_message() -> None:
     assert message.writable_layer.used_bytes.value == 1 << 20
     assert message.writable_layer.inodes_used.value == 7
     assert message.writable_layer.fs_id.mountpoint == "/var/lib/cripy/containers"
+    assert not message.HasField("io") and not message.cpu.HasField("psi")
+    pressure = Pressure(PressureLine(1.5, 0.75, 0.25, 4000), PressureLine(0.5, 0.25, 0.125, 2000))
+    with_psi = dataclasses.replace(sample_stats(), cpu_pressure=pressure,
+                                   memory_pressure=pressure, io_pressure=pressure)
+    message = server_stats._container_stats(container_sample(with_psi))
+    for psi in (message.cpu.psi, message.memory.psi, message.io.psi):
+        assert (psi.Some.Total, psi.Some.Avg10, psi.Some.Avg60, psi.Some.Avg300) == \
+            (4000, 1.5, 0.75, 0.25)
+        assert (psi.Full.Total, psi.Full.Avg10) == (2000, 0.5)
+    assert message.io.timestamp == with_psi.timestamp_ns
     stopped = server_stats._container_stats(container_sample(None))
     assert not stopped.HasField("cpu") and not stopped.HasField("memory")
     assert stopped.writable_layer.used_bytes.value == 1 << 20

@@ -4,6 +4,7 @@ namespace, and /sys/fs/cgroup read-only unless the container is privileged."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +26,13 @@ def status_api(pods: GuestPods, method: str, path: str) -> Any:
     return response.json()
 
 
+def _some_total_ns(cgroup: Path, name: str) -> int:
+    """The "some" stall total of a *.pressure file, in nanoseconds."""
+    some = cgroup_file(cgroup, name).splitlines()[0].split()
+    assert some[0] == "some"
+    return int(dict(f.split("=") for f in some[1:])["total"]) * 1000
+
+
 def test_container_and_pod_stats_come_from_the_v2_files(pods: GuestPods) -> None:
     pod_id = pods.run("stats")
     cid = pods.create(pod_id, "busy", BUSY_WITH_MEMORY)
@@ -33,8 +41,10 @@ def test_container_and_pod_stats_come_from_the_v2_files(pods: GuestPods) -> None
     wait_for("a second of CPU", lambda: flat_keyed(cg, "cpu.stat")["usage_usec"] > 1_000_000)
 
     cpu_before = flat_keyed(cg, "cpu.stat")["usage_usec"] * 1000
+    stall_before = _some_total_ns(cg, "cpu.pressure")
     stats = pods.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=cid)).stats
     cpu_after = flat_keyed(cg, "cpu.stat")["usage_usec"] * 1000
+    stall_after = _some_total_ns(cg, "cpu.pressure")
     current = int(cgroup_file(cg, "memory.current"))
     inactive_file = flat_keyed(cg, "memory.stat")["inactive_file"]
     assert stats.attributes.id == cid
@@ -44,6 +54,10 @@ def test_container_and_pod_stats_come_from_the_v2_files(pods: GuestPods) -> None
     assert 24 * MiB < working_set <= stats.memory.usage_bytes.value
     # the working set is usage minus inactive file pages, as the kubelet computes it
     assert abs(working_set - (current - inactive_file)) < 4 * MiB
+    # pressure stall information from cpu/memory/io.pressure (Debian's kernel has PSI on)
+    assert stall_before <= stats.cpu.psi.Some.Total <= stall_after
+    assert stats.memory.HasField("psi") and stats.io.HasField("psi")
+    assert stats.io.timestamp > 0
 
     pod = pods.runtime.PodSandboxStats(pb.PodSandboxStatsRequest(pod_sandbox_id=pod_id)).stats
     assert pod.linux.process.process_count.value == int(
