@@ -327,6 +327,11 @@ def _validate_runtime(runtime: RuntimeConfig) -> None:
                                        "/" not in conmon_cgroup and len(conmon_cgroup) > 6):
         raise ConfigError("runtime.conmon_cgroup: must be \"pod\" or a slice name such as "
                           f"system.slice, got {conmon_cgroup!r}")
+    if conmon_cgroup != "pod" and runtime.cgroup_manager != "systemd":
+        # cgroupfs keeps conmon in the daemon's cgroup: a slice here would be ignored.
+        raise ConfigError(f"runtime.conmon_cgroup: {conmon_cgroup!r} needs "
+                          "cgroup_manager = \"systemd\" (with cgroupfs conmon stays in the "
+                          "daemon's cgroup)")
     for name, handler in runtime.handlers.items():
         if not HANDLER_NAME.fullmatch(name):
             raise ConfigError(f"runtime.handlers.{name}: a handler name must be a DNS label "

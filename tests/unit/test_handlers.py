@@ -72,6 +72,8 @@ def test_the_old_keys_set_the_default_handler() -> None:
     ({"handlers": {"x": {"binary": "a"}}}, "unknown config key runtime.handlers.x.binary"),
     ({"cgroup_manager": "cgroupv3"}, "runtime.cgroup_manager: must be cgroupfs or systemd"),
     ({"conmon_cgroup": "/x"}, "runtime.conmon_cgroup: must be \"pod\" or a slice"),
+    ({"conmon_cgroup": "system.slice"}, "runtime.conmon_cgroup: 'system.slice' needs "
+     "cgroup_manager = \"systemd\""),
 ])
 def test_bad_handler_config(runtime: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as info:
