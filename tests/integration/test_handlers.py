@@ -20,15 +20,16 @@ import pytest
 from cripy.api import api_pb2 as pb
 from cripy.oci.cgroups import probe_host
 from tests.support.daemon import Daemon
-from tests.support.pods import Node, Pods, bridge_network, leftovers, pod_config, remove_cgroup
+from tests.support.pods import Node, Pods, bridge_network, pod_config
 from tests.support.registry import Registry
 
 ALT = "runc-alt"
 
 
 @pytest.fixture(scope="module")
-def handler_node(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
-                 images: Any) -> Iterator[Node]:
+def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
+         images: Any) -> Iterator[Node]:
+    """The shared node, with a second runc handler (conftest's `pods` uses this one)."""
     tmp = tmp_path_factory.mktemp("handlers")
     daemon = Daemon(tmp / "daemon", insecure_registries=[registry.host], extra_config=(
         f'[runtime.handlers.{ALT}]\nruntime_path = "runc"\n'
@@ -36,18 +37,6 @@ def handler_node(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
     with bridge_network(daemon.cni_dir, tmp, 150) as bridge, daemon:
         daemon.pull(images.busybox.ref)
         yield Node(daemon, bridge, images.busybox.ref, tmp)
-
-
-@pytest.fixture
-def pods(handler_node: Node, tmp_path: Path) -> Iterator[Pods]:
-    tracker = Pods(handler_node, tmp_path / "logs")
-    try:
-        yield tracker
-    finally:
-        tracker.cleanup()
-        leaks = leftovers(handler_node.daemon, handler_node.bridge, tracker.cgroup_parent)
-        remove_cgroup(tracker.cgroup_parent)
-        assert leaks == [], f"the test leaked: {leaks}"
 
 
 def run_pod(pods: Pods, handler: str, cgroup_parent: str | None = None) -> str:
