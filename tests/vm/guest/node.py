@@ -47,6 +47,18 @@ def wait_for(what: str, check: Callable[[], bool], within: float = 30.0) -> None
         time.sleep(0.1)
 
 
+def oom_killed_container(pods: GuestPods) -> str:
+    """A container that outgrows its 16 MiB memory.max; checks it is reported OOMKilled
+    with exit code 137 and returns its ID."""
+    resources = pb.LinuxContainerResources(memory_limit_in_bytes=16 << 20)
+    cid = pods.create(pods.run("oom"), "hog",
+                      ["sh", "-c", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done"],
+                      resources=resources)
+    status = pods.wait_exited(cid, within=120)
+    assert (status.reason, status.exit_code) == ("OOMKilled", 137)
+    return cid
+
+
 def enable_controllers(directory: Path) -> None:
     """Let `directory`'s children use the pod controllers (cgroup v2 subtree_control)."""
     (directory / "cgroup.subtree_control").write_text(" ".join("+" + c for c in CONTROLLERS))

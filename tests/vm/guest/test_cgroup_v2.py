@@ -10,7 +10,13 @@ from typing import Any
 import httpx
 
 from cripy.api import api_pb2 as pb
-from tests.vm.guest.node import GuestPods, cgroup_file, flat_keyed, wait_for
+from tests.vm.guest.node import (
+    GuestPods,
+    cgroup_file,
+    flat_keyed,
+    oom_killed_container,
+    wait_for,
+)
 
 MiB = 1024 * 1024
 #: Holds 24 MiB in /dev/shm (charged to the container's memory), then keeps a CPU busy.
@@ -68,12 +74,7 @@ def test_container_and_pod_stats_come_from_the_v2_files(pods: GuestPods) -> None
 
 
 def test_past_memory_max_is_oomkilled(pods: GuestPods) -> None:
-    resources = pb.LinuxContainerResources(memory_limit_in_bytes=16 * MiB)
-    cid = pods.create(pods.run("oom"), "hog",
-                      ["sh", "-c", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done"],
-                      resources=resources)
-    status = pods.wait_exited(cid, within=120)
-    assert (status.reason, status.exit_code) == ("OOMKilled", 137)
+    oom_killed_container(pods)
 
 
 def test_pause_and_unpause_freeze_the_cgroup(pods: GuestPods) -> None:

@@ -13,7 +13,13 @@ import pytest
 
 from cripy.api import api_pb2 as pb
 from tests.support.pods import pod_config
-from tests.vm.guest.node import CGROUP_ROOT, GuestPods, cgroup_file, systemctl
+from tests.vm.guest.node import (
+    CGROUP_ROOT,
+    GuestPods,
+    cgroup_file,
+    oom_killed_container,
+    systemctl,
+)
 
 pytestmark = pytest.mark.parametrize("node", ["systemd"], indirect=True)
 
@@ -136,12 +142,7 @@ def test_the_kubelets_expanded_slice_form(pods: GuestPods) -> None:
 
 
 def test_an_oom_kill_is_reported_although_systemd_removed_the_scope(pods: GuestPods) -> None:
-    resources = pb.LinuxContainerResources(memory_limit_in_bytes=16 * MIB)
-    cid = pods.create(pods.run("oom"), "hog",
-                      ["sh", "-c", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done"],
-                      resources=resources)
-    status = pods.wait_exited(cid, within=120)
-    assert (status.reason, status.exit_code) == ("OOMKilled", 137)
+    cid = oom_killed_container(pods)
     assert unit(f"cripy-{cid}.scope")["ActiveState"] != "active"
     pods.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
     assert unit_gone(f"cripy-{cid}.scope") and unit_gone(f"cripy-conmon-{cid}.scope")
