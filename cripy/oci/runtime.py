@@ -75,6 +75,8 @@ EXEC_OUTPUT_LIMIT = 16 << 20
 
 #: The exit code recorded for a container whose conmon died before writing one.
 UNKNOWN_EXIT_CODE = 255
+#: Left in the persist dir when StopContainer sends SIGKILL itself.
+KILLED_FILE = "killed"
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,8 @@ class OciRuntime:
             await self.kill(cid, stop_signal)
             if await self.wait_exit(cid, timeout) is not None:
                 return
+        # Noted first: this SIGKILL is ours, not the OOM killer's (see _oom_killed).
+        await asyncio.to_thread(_touch, self._persist / cid / KILLED_FILE)
         await self.kill(cid, signal.SIGKILL, all_processes=True)
         await self._wait_after_kill(cid)
 
@@ -920,11 +924,11 @@ class OciRuntime:
         own = Path(str(record["memory_cgroup"]))
         if own.exists():
             return _oom_kill_count(own) > 0
-        # The cgroup went with its systemd scope: a SIGKILL exit while the pod's cgroup
-        # counted a new OOM kill is this container's (a sibling's kill at the same time
-        # could be taken for it).
+        # The cgroup went with its systemd scope: a SIGKILL exit that StopContainer did not
+        # send, while the pod's cgroup counted a new OOM kill, is this container's (a
+        # sibling's OOM kill and an outside SIGKILL of this one could still be confused).
         pod = record.get("pod_cgroup")
-        if pod is None or exit_code != 128 + signal.SIGKILL:
+        if pod is None or exit_code != 128 + signal.SIGKILL or (persist / KILLED_FILE).exists():
             return False
         return _oom_kill_count(Path(str(pod))) > int(record.get("pod_oom_kills", 0))
 
@@ -1230,6 +1234,11 @@ def _pod_memory_dir(container: Path, pod_dir: str) -> Path | None:
         if candidate.parts[-len(parts):] == parts:
             return candidate if (candidate / "memory.events").exists() else None
     return None
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # no persist dir: nothing to tell apart later
+        path.touch()
 
 
 def _oom_kill_count(cgroup: Path) -> int:

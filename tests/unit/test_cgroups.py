@@ -236,3 +236,7 @@ def test_an_oom_kill_is_found_after_systemd_removed_the_scope(tmp_path: Path) ->
     exit_file.write_text("0")  # a clean exit was no OOM kill, whatever the pod counted
     status = oci.exit_status("abc")
     assert status is not None and not status.oom_killed
+    exit_file.write_text("137")
+    (persist / "killed").touch()  # StopContainer's own SIGKILL, after a sibling's OOM kill
+    status = oci.exit_status("abc")
+    assert status is not None and status.exit_code == 137 and not status.oom_killed
