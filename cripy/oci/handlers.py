@@ -41,6 +41,12 @@ class RuntimeHandler:
     #: it again if it is still so then); "" when they were fine
     binary_problem: str = ""
 
+    def report(self) -> dict[str, str | bool]:
+        """What Status (verbose) tells of this handler: usable here or why not."""
+        return {"name": self.name, "runtime_path": self.runtime_path, "flavor": self.flavor,
+                "version": self.version, "usable": not (self.problem or self.binary_problem),
+                "problem": self.problem or self.binary_problem}
+
     def check_usable(self) -> None:
         if self.problem:
             raise FailedPreconditionError(

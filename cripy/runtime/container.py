@@ -115,6 +115,10 @@ class ContainerManager:
             return Path(container.log_path)
         return self.bundle_dir(container.id) / "console.log"
 
+    def runtime_handlers(self) -> list[dict[str, str | bool]]:
+        """The configured runtime handlers as probed at start (from memory)."""
+        return [h.report() for h in self.oci.handlers.values()]
+
     @property
     def layers_root(self) -> Path:
         """The filesystem writable layers live on."""

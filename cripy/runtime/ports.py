@@ -6,7 +6,7 @@ mounts and namespaces); the controller unit tests pass fakes that need no root.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,8 @@ class OciDriver(Protocol):
 
     cgroups: CgroupDriver
 
+    @property
+    def handlers(self) -> Mapping[str, RuntimeHandler]: ...
     def handler(self, name: str) -> RuntimeHandler: ...
     def container_cgroup(self, cgroup_parent: str, container_id: str, handler: str
                          ) -> str: ...

@@ -92,6 +92,7 @@ class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, Streamin
         info = {}
         if request.verbose:
             info["config"] = json.dumps(dataclasses.asdict(self.config))
+            info["runtime_handlers"] = json.dumps(self.containers.runtime_handlers())
         return pb.StatusResponse(status=status, info=info)
 
     @rpc

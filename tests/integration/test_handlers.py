@@ -113,6 +113,12 @@ def test_crun_is_refused_on_this_host_with_the_reason(pods: Pods) -> None:
     assert "runtime handler 'crun' cannot run containers on this host" in details
     assert "hybrid" in details and " ".join(host.v2_controllers) in details
     assert "runtime handler crun is unusable" in pods.node.daemon.log_path.read_text()
+    # and Status (verbose) reports it as unusable here, with the same reason
+    info = pods.runtime.Status(pb.StatusRequest(verbose=True)).info
+    handlers = {h["name"]: h for h in json.loads(info["runtime_handlers"])}
+    assert handlers["crun"]["usable"] is False and "hybrid" in handlers["crun"]["problem"]
+    assert handlers["runc"]["usable"] is True and handlers["runc"]["flavor"] == "runc"
+    assert handlers[ALT]["usable"] is True
 
 
 @pytest.mark.parametrize("parent", [
