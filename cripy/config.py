@@ -108,6 +108,10 @@ class RuntimeConfig:
         "Largest a container log file may grow (bytes) before it is rotated; -1: no limit.",
         default=-1,
     )
+    enable_pod_events: bool = _doc(
+        "PodSandboxStatus reports the pod's container statuses and when they were taken, "
+        "as the kubelet's evented PLEG reads them (verbose requests always get them).",
+        default=True)
     handlers: dict[str, RuntimeHandlerConfig] = _doc(
         "The runtime handlers, one table each: [runtime.handlers.NAME]. Tables given in a "
         "file are added to (or replace) the built-in runc and crun ones.",

@@ -265,7 +265,7 @@ class SandboxManager:
 
     def _publish(self, kind: str, sandbox: Sandbox) -> None:
         """Pod events carry the sandbox ID as the container ID, as other runtimes do."""
-        peers = self.containers.in_sandbox(sandbox.id)
+        peers = self.containers.listed_in(sandbox.id)
         self.events.publish(Event(kind, sandbox.id, sandbox.id, time.time_ns(),
                                   (sandbox, peers)))
 
