@@ -8,6 +8,7 @@ import time
 from google.protobuf.json_format import MessageToDict
 
 from cripy.api import api_pb2 as pb
+from cripy.runtime import pod_resources
 from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.store import PodState, Sandbox
 from cripy.server.container import container_status
@@ -85,6 +86,14 @@ class SandboxRpcs:
             response.containers_statuses.extend(
                 container_status(c) for c in self.sandboxes.containers.listed_in(sandbox.id))
         return response
+
+    @rpc
+    async def UpdatePodSandboxResources(
+        self, request: pb.UpdatePodSandboxResourcesRequest, context: Context
+    ) -> pb.UpdatePodSandboxResourcesResponse:
+        await pod_resources.update(self.sandboxes, request.pod_sandbox_id, request.overhead,
+                                   request.resources)
+        return pb.UpdatePodSandboxResourcesResponse()
 
     @rpc
     async def ListPodSandbox(
