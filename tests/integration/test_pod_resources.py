@@ -22,12 +22,9 @@ def pod_file(pods: Pods, controller: str, name: str) -> str:
     return (CGROUP_ROOT / controller / pods.cgroup_parent.lstrip("/") / name).read_text().strip()
 
 
-def run_pod(pods: Pods, name: str, resources: pb.LinuxContainerResources,
-            overhead: pb.LinuxContainerResources, cgroup_parent: str | None = None) -> str:
-    config = pod_config(name, pods.log_dir, cgroup_parent=(
-        pods.cgroup_parent if cgroup_parent is None else cgroup_parent))
-    config.linux.resources.CopyFrom(resources)
-    config.linux.overhead.CopyFrom(overhead)
+def run_on_default_parent(pods: Pods, name: str,
+                          resources: pb.LinuxContainerResources) -> str:
+    config = pod_config(name, pods.log_dir, resources=resources)
     pod_id: str = pods.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config),
                                              timeout=60).pod_sandbox_id
     pods.created.append(pod_id)
@@ -49,8 +46,8 @@ def rpc_error(call: object) -> grpc.RpcError:
 def test_run_and_update_apply_overhead_plus_resources(pods: Pods) -> None:
     overhead = R(cpu_shares=102, cpu_quota=10_000, cpu_period=100_000,
                  memory_limit_in_bytes=8 * MiB)
-    pod_id = run_pod(pods, "podres", R(cpu_shares=512, cpu_quota=50_000, cpu_period=100_000,
-                                       memory_limit_in_bytes=64 * MiB), overhead)
+    pod_id = pods.run("podres", overhead=overhead, resources=R(
+        cpu_shares=512, cpu_quota=50_000, cpu_period=100_000, memory_limit_in_bytes=64 * MiB))
     assert pod_file(pods, "memory", "memory.limit_in_bytes") == str(72 * MiB)
     assert pod_file(pods, "cpu", "cpu.cfs_period_us") == "100000"
     assert pod_file(pods, "cpu", "cpu.cfs_quota_us") == "60000"
@@ -78,11 +75,11 @@ def test_bad_requests_are_refused_with_the_reason(pods: Pods) -> None:
     unknown = rpc_error(lambda: update(pods, "f" * 64, R(cpu_shares=512), R()))
     assert unknown.code() == grpc.StatusCode.NOT_FOUND
 
-    bad = rpc_error(lambda: run_pod(pods, "podres-bad", R(cpu_quota=5), R()))
+    bad = rpc_error(lambda: pods.run("podres-bad", resources=R(cpu_quota=5)))
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "cpu_quota 5" in (bad.details() or "")
 
-    pod_id = run_pod(pods, "podres-a", R(cpu_shares=512), R())
+    pod_id = pods.run("podres-a", resources=R(cpu_shares=512))
     assert pod_file(pods, "cpu", "cpu.shares") == "512"
     bad = rpc_error(lambda: update(pods, pod_id, R(memory_limit_in_bytes=-5), R()))
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -97,7 +94,7 @@ def test_bad_requests_are_refused_with_the_reason(pods: Pods) -> None:
     assert "shared with other pods" in (shared.details() or "")
     assert pod_file(pods, "cpu", "cpu.shares") == "512"  # untouched
 
-    default = rpc_error(lambda: run_pod(pods, "podres-default", R(cpu_shares=256), R(),
-                                        cgroup_parent=""))
+    default = rpc_error(lambda: run_on_default_parent(pods, "podres-default",
+                                                      R(cpu_shares=256)))
     assert default.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "the default one" in (default.details() or "")
