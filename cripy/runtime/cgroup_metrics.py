@@ -18,6 +18,11 @@ What is read where (v1 | v2):
 - swap limit: memory.memsw.limit_in_bytes | memory.swap.max
 - threads max: pids.max | pids.max
 - file descriptors and sockets: /proc/PID/fd of every process in cgroup.procs | the same
+- CFS bursts: cpu.stat nr_bursts, burst_time (ns) | cpu.stat nr_bursts, burst_usec
+- active / inactive file pages: memory.stat total_active_file, total_inactive_file |
+  memory.stat active_file, inactive_file
+- memory reservation: memory.soft_limit_in_bytes | memory.min
+- open files limit: "Max open files" (soft) in /proc/PID/limits of the lowest PID | the same
 
 Everything here blocks; it runs in the stats threads.
 """
@@ -70,6 +75,12 @@ class ExtraStats:
     file_descriptors: int = 0
     sockets: int = 0
     io: tuple[DeviceIo, ...] = ()
+    cfs_bursts: int = 0
+    cfs_burst_ns: int = 0
+    memory_active_file: int = 0
+    memory_inactive_file: int = 0
+    memory_reservation: int = 0  # 0: none
+    max_open_files: int | None = None  # soft RLIMIT_NOFILE of the first process; None: unknown
 
 
 # --- parsing (pure) -----------------------------------------------------------------------
@@ -169,6 +180,24 @@ def open_files(pids: list[int], proc: Path = Path("/proc")) -> tuple[int, int]:
     return count_fds(targets)
 
 
+def parse_max_open_files(limits: str) -> int | None:
+    """The soft "Max open files" of a /proc/PID/limits text; None if absent or unlimited."""
+    for line in limits.splitlines():
+        if line.startswith("Max open files"):
+            soft = line.removeprefix("Max open files").split()[0]
+            return int(soft) if soft.isdigit() else None
+    return None
+
+
+def max_open_files(pids: list[int], proc: Path = Path("/proc")) -> int | None:
+    """The soft open-files limit of the cgroup's first process (as cadvisor's ulimits)."""
+    for pid in sorted(pids):
+        text = _read(proc / str(pid) / "limits")
+        if text is not None:
+            return parse_max_open_files(text)
+    return None
+
+
 def _devices(table: dict[tuple[int, int], tuple[dict[str, int], dict[str, int]]]
              ) -> tuple[DeviceIo, ...]:
     return tuple(DeviceIo(major, minor, device_name(major, minor), sizes, counts)
@@ -196,7 +225,8 @@ def _read_v2(directory: Path, proc: Path) -> ExtraStats | None:
     kernel = memory.get("kernel")
     if kernel is None:
         kernel = sum(memory.get(k, 0) for k in _V2_KERNEL_PARTS)
-    fds, sockets = open_files(_procs(directory), proc)
+    procs = _procs(directory)
+    fds, sockets = open_files(procs, proc)
     return ExtraStats(
         cfs_periods=cpu.get("nr_periods", 0),
         cfs_throttled_periods=cpu.get("nr_throttled", 0),
@@ -210,6 +240,12 @@ def _read_v2(directory: Path, proc: Path) -> ExtraStats | None:
         file_descriptors=fds,
         sockets=sockets,
         io=_devices(parse_io_stat(_read(directory / "io.stat") or "")),
+        cfs_bursts=cpu.get("nr_bursts", 0),
+        cfs_burst_ns=cpu.get("burst_usec", 0) * 1000,
+        memory_active_file=memory.get("active_file", 0),
+        memory_inactive_file=memory.get("inactive_file", 0),
+        memory_reservation=_single(directory / "memory.min") or 0,
+        max_open_files=max_open_files(procs, proc),
     )
 
 
@@ -223,20 +259,31 @@ def _read_v1(root: Path, relative: Path, proc: Path) -> ExtraStats | None:
         return None
     cpu = _flat_keyed(cpu_dir / "cpu.stat") if cpu_dir is not None else {}
     memory = _flat_keyed(memory_dir / "memory.stat")
-    fds, sockets = open_files(_procs(present[0]), proc)
+    procs = _procs(present[0])
+    fds, sockets = open_files(procs, proc)
+
+    def total(key: str) -> int:
+        return memory.get(f"total_{key}", memory.get(key, 0))
+
     return ExtraStats(
         cfs_periods=cpu.get("nr_periods", 0),
         cfs_throttled_periods=cpu.get("nr_throttled", 0),
         cfs_throttled_ns=cpu.get("throttled_time", 0),
         memory_failcnt=(_single(memory_dir / "memory.failcnt") or 0),
         memory_kernel=(_single(memory_dir / "memory.kmem.usage_in_bytes") or 0),
-        memory_mapped_file=memory.get("total_mapped_file", memory.get("mapped_file", 0)),
+        memory_mapped_file=total("mapped_file"),
         memory_max_usage=(_single(memory_dir / "memory.max_usage_in_bytes") or 0),
         swap_limit=_single(memory_dir / "memory.memsw.limit_in_bytes") or 0,
         threads_max=_single(pids_dir / "pids.max") or 0,
         file_descriptors=fds,
         sockets=sockets,
         io=_read_blkio_v1(blkio_dir),
+        cfs_bursts=cpu.get("nr_bursts", 0),
+        cfs_burst_ns=cpu.get("burst_time", 0),
+        memory_active_file=total("active_file"),
+        memory_inactive_file=total("inactive_file"),
+        memory_reservation=_single(memory_dir / "memory.soft_limit_in_bytes") or 0,
+        max_open_files=max_open_files(procs, proc),
     )
 
 

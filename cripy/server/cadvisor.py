@@ -51,6 +51,10 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
                "Number of throttled period intervals.", COUNTER),
     MetricSpec("container_cpu_cfs_throttled_seconds_total",
                "Total time duration the container has been throttled.", COUNTER),
+    MetricSpec("container_cpu_cfs_burst_periods_total",
+               "Number of periods when burst occurs.", COUNTER),
+    MetricSpec("container_cpu_cfs_burst_seconds_total",
+               "Total time duration the container has been bursted.", COUNTER),
     MetricSpec("container_memory_usage_bytes",
                "Current memory usage in bytes, including all memory regardless of when it "
                "was accessed.", GAUGE),
@@ -63,6 +67,10 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
                "Size of kernel memory allocated in bytes.", GAUGE),
     MetricSpec("container_memory_mapped_file",
                "Size of memory mapped files in bytes.", GAUGE),
+    MetricSpec("container_memory_total_active_file_bytes",
+               "Current total active file in bytes.", GAUGE),
+    MetricSpec("container_memory_total_inactive_file_bytes",
+               "Current total inactive file in bytes.", GAUGE),
     MetricSpec("container_memory_swap", "Container swap usage in bytes.", GAUGE),
     MetricSpec("container_memory_failcnt", "Number of memory usage hits limits", COUNTER),
     MetricSpec("container_memory_failures_total",
@@ -80,6 +88,9 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("container_file_descriptors",
                "Number of open file descriptors for the container.", GAUGE),
     MetricSpec("container_sockets", "Number of open sockets for the container.", GAUGE),
+    MetricSpec("container_ulimits_soft",
+               "Soft ulimit values for the container root process. Unlimited if -1, except "
+               "priority and nice", GAUGE, ("ulimit",)),
     MetricSpec("container_fs_usage_bytes",
                "Number of bytes that are consumed by the container on this filesystem.",
                GAUGE),
@@ -101,12 +112,21 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("container_spec_memory_limit_bytes", "Memory limit for the container.", GAUGE),
     MetricSpec("container_spec_memory_swap_limit_bytes",
                "Memory swap limit for the container.", GAUGE),
+    MetricSpec("container_spec_memory_reservation_limit_bytes",
+               "Memory reservation limit for the container.", GAUGE),
     MetricSpec("container_spec_cpu_shares", "CPU share of the container.", GAUGE),
     MetricSpec("container_spec_cpu_quota", "CPU quota of the container.", GAUGE),
     MetricSpec("container_spec_cpu_period", "CPU period of the container.", GAUGE),
     MetricSpec("container_start_time_seconds",
                "Start time of the container since unix epoch in seconds.", GAUGE),
     MetricSpec("container_last_seen", "Last time a container was seen by the exporter.", GAUGE),
+    *(MetricSpec(f"container_pressure_{kind}_{what}_seconds_total", text.format(name), COUNTER)
+      for kind, name in (("cpu", "CPU"), ("memory", "memory"), ("io", "IO"))
+      for what, text in (
+          ("stalled", "Total time duration no tasks in the container could make progress "
+                      "due to {} congestion."),
+          ("waiting", "Total time duration tasks in the container have waited due to {} "
+                      "congestion."))),
     MetricSpec("container_network_receive_bytes_total",
                "Cumulative count of bytes received.", COUNTER, _NET),
     MetricSpec("container_network_receive_packets_total",
@@ -171,6 +191,13 @@ def _extra_metrics(m: _Metrics, extra: ExtraStats, ts: int) -> None:
     m.add("container_file_descriptors", extra.file_descriptors, ts)
     m.add("container_sockets", extra.sockets, ts)
     m.add("container_spec_memory_swap_limit_bytes", extra.swap_limit, ts)
+    m.add("container_cpu_cfs_burst_periods_total", extra.cfs_bursts, ts)
+    m.add("container_cpu_cfs_burst_seconds_total", extra.cfs_burst_ns // NS_PER_S, ts)
+    m.add("container_memory_total_active_file_bytes", extra.memory_active_file, ts)
+    m.add("container_memory_total_inactive_file_bytes", extra.memory_inactive_file, ts)
+    m.add("container_spec_memory_reservation_limit_bytes", extra.memory_reservation, ts)
+    if extra.max_open_files is not None:
+        m.add("container_ulimits_soft", extra.max_open_files, ts, "max_open_files")
     for dev in extra.io:
         for name, kind, operation in _DISK_FIELDS:
             table = dev.bytes if kind == "bytes" else dev.ios
@@ -204,6 +231,15 @@ def _container_metrics(sample: ContainerSample, now: int) -> pb.ContainerMetrics
         m.add("container_threads", stats.pids, ts)
         if sample.extra is not None:
             _extra_metrics(m, sample.extra, ts)
+        for kind, pressure in (("cpu", stats.cpu_pressure), ("memory", stats.memory_pressure),
+                               ("io", stats.io_pressure)):
+            if pressure is None:  # cgroup v1, or no PSI in the kernel
+                continue
+            m.add(f"container_pressure_{kind}_waiting_seconds_total",
+                  pressure.some.total_ns // NS_PER_S, ts)
+            if pressure.full is not None:
+                m.add(f"container_pressure_{kind}_stalled_seconds_total",
+                      pressure.full.total_ns // NS_PER_S, ts)
     m.add("container_fs_usage_bytes", layer.used_bytes, layer.timestamp_ns)
     if sample.fs is not None:
         fs = sample.fs

@@ -95,7 +95,7 @@ def container_metrics(runtime: Any, pod_id: str, cid: str) -> dict[tuple[str, ..
 
 
 def check_metrics(values: dict[tuple[str, ...], int], loop: str, *,
-                  swap_limit: int) -> None:
+                  swap_limit: int, cgroup_v2: bool) -> None:
     """What the busy container's metrics must show after exercise()."""
     disk = f"/dev/{Path(loop).name}"
     assert values[("container_fs_writes_bytes_total", disk)] >= 4 * MiB
@@ -118,3 +118,15 @@ def check_metrics(values: dict[tuple[str, ...], int], loop: str, *,
     assert values[("container_sockets",)] >= 1
     assert values[("container_threads_max",)] == PIDS_MAX
     assert values[("container_spec_memory_swap_limit_bytes",)] == swap_limit
+    assert values[("container_spec_memory_reservation_limit_bytes",)] == 0  # none asked
+    assert values[("container_ulimits_soft", "max_open_files")] >= 1024
+    assert values[("container_memory_total_active_file_bytes",)] + \
+        values[("container_memory_total_inactive_file_bytes",)] > 0  # the device's cache
+    assert ("container_cpu_cfs_burst_periods_total",) in values
+    pressure = {name for name, *_ in values if name.startswith("container_pressure_")}
+    if cgroup_v2:  # PSI: the guest kernel has it on
+        assert pressure >= {f"container_pressure_{kind}_waiting_seconds_total"
+                            for kind in ("cpu", "memory", "io")}
+        assert values[("container_pressure_cpu_waiting_seconds_total",)] >= 0
+    else:
+        assert pressure == set()  # cgroup v1 has no pressure files

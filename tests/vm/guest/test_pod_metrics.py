@@ -32,5 +32,5 @@ def test_every_cadvisor_measure_of_a_busy_container(pods: GuestPods, tmp_path: P
         values = container_metrics(pods.runtime, pod_id, cid)
         # v2's memory.swap.max is swap alone: the CRI's memory + swap less the memory
         assert cgroup_file(cgroup, "memory.swap.max") == str(SWAP_LIMIT - MEMORY_LIMIT)
-        check_metrics(values, loop, swap_limit=SWAP_LIMIT - MEMORY_LIMIT)
+        check_metrics(values, loop, swap_limit=SWAP_LIMIT - MEMORY_LIMIT, cgroup_v2=True)
         pods.cleanup()
