@@ -234,6 +234,32 @@ async def raw_call(
                 return ttrpc.decode_response(m.data)
 
 
+@contextlib.asynccontextmanager
+async def raw_plugin(
+    runtime: Runtime,
+) -> AsyncIterator[tuple[PluginConnection, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """The runtime's connection, and the bare other end of its socket."""
+    ours, theirs = plugin_socketpair()
+    conn = await PluginConnection.from_socket(ours, runtime)
+    conn.start()
+    theirs.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    try:
+        yield conn, reader, writer
+    finally:
+        writer.close()
+        await conn.close()
+
+
+def register_request(name: str, idx: str, timeout_nano: int = 0) -> bytes:
+    return ttrpc.encode_request(
+        "nri.pkg.api.v1alpha1.Runtime",
+        "RegisterPlugin",
+        api_pb2.RegisterPluginRequest(plugin_name=name, plugin_idx=idx).SerializeToString(),
+        timeout_nano=timeout_nano,
+    )
+
+
 def test_runtime_honours_the_callers_deadline() -> None:
     async def main() -> None:
         runtime = Runtime()
@@ -244,25 +270,12 @@ def test_runtime_honours_the_callers_deadline() -> None:
             await asyncio.sleep(10)
 
         runtime.register_plugin = slow_register  # type: ignore[method-assign]
-        ours, theirs = plugin_socketpair()
-        conn = await PluginConnection.from_socket(ours, runtime)
-        conn.start()
-        theirs.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=theirs)
-        try:
-            request = ttrpc.encode_request(
-                "nri.pkg.api.v1alpha1.Runtime",
-                "RegisterPlugin",
-                api_pb2.RegisterPluginRequest(plugin_name="x", plugin_idx="01").SerializeToString(),
-                timeout_nano=200_000_000,
-            )
+        async with raw_plugin(runtime) as (conn, reader, writer):
+            request = register_request("x", "01", timeout_nano=200_000_000)
             rsp = await asyncio.wait_for(raw_call(reader, writer, request), T)
             assert entered.is_set()
             assert rsp.status.code == ttrpc.Code.DEADLINE_EXCEEDED
             assert not conn.closed
-        finally:
-            writer.close()
-            await conn.close()
 
     run(main)
 
@@ -270,27 +283,13 @@ def test_runtime_honours_the_callers_deadline() -> None:
 def test_successful_answer_on_the_wire() -> None:
     async def main() -> None:
         runtime = Runtime()
-        ours, theirs = plugin_socketpair()
-        conn = await PluginConnection.from_socket(ours, runtime)
-        conn.start()
-        theirs.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=theirs)
-        try:
-            request = ttrpc.encode_request(
-                "nri.pkg.api.v1alpha1.Runtime",
-                "RegisterPlugin",
-                api_pb2.RegisterPluginRequest(
-                    plugin_name="raw", plugin_idx="05"
-                ).SerializeToString(),
-            )
+        async with raw_plugin(runtime) as (_, reader, writer):
+            request = register_request("raw", "05")
             rsp = await asyncio.wait_for(raw_call(reader, writer, request, stream_id=7), T)
             # Status present with code 0 (what Go clients require), empty Empty payload.
             assert rsp.HasField("status") and rsp.status.code == 0
             assert rsp.payload == b""
             assert runtime.registrations == [("raw", "05")]
-        finally:
-            writer.close()
-            await conn.close()
 
     run(main)
 
@@ -410,35 +409,38 @@ def test_oversized_request_is_refused_before_sending() -> None:
 
 def test_protocol_violation_closes_the_connection() -> None:
     async def main() -> None:
-        ours, theirs = plugin_socketpair()
-        conn = await PluginConnection.from_socket(ours, Runtime())
-        conn.start()
-        theirs.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=theirs)
-        # A request on an even stream id: only clients open streams, with odd ids.
-        bad = ttrpc.encode_frame(2, ttrpc.MessageType.REQUEST, b"")
-        writer.write(mux.frames_for_message(mux.RUNTIME_SERVICE_CONN, bad))
-        await writer.drain()
-        await asyncio.wait_for(conn.wait_closed(), T)
-        assert "client streams must be odd" in conn.close_reason
-        assert await reader.read() == b""  # we hung up
-        writer.close()
+        async with raw_plugin(Runtime()) as (conn, reader, writer):
+            # A request on an even stream id: only clients open streams, with odd ids.
+            bad = ttrpc.encode_frame(2, ttrpc.MessageType.REQUEST, b"")
+            writer.write(mux.frames_for_message(mux.RUNTIME_SERVICE_CONN, bad))
+            await writer.drain()
+            await asyncio.wait_for(conn.wait_closed(), T)
+            assert "client streams must be odd" in conn.close_reason
+            assert await reader.read() == b""  # we hung up
 
     run(main)
 
 
 def test_garbage_mux_header_closes_the_connection() -> None:
     async def main() -> None:
-        ours, theirs = plugin_socketpair()
-        conn = await PluginConnection.from_socket(ours, Runtime())
-        conn.start()
-        theirs.setblocking(False)
-        _, writer = await asyncio.open_unix_connection(sock=theirs)
-        writer.write(b"GET / HTTP/1.1\r\n\r\n")
-        await writer.drain()
-        await asyncio.wait_for(conn.wait_closed(), T)
-        assert conn.close_reason.startswith("protocol error: mux frame")
-        writer.close()
+        async with raw_plugin(Runtime()) as (conn, _, writer):
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+            await writer.drain()
+            await asyncio.wait_for(conn.wait_closed(), T)
+            assert conn.close_reason.startswith("protocol error: mux frame")
+
+    run(main)
+
+
+def test_eof_in_the_middle_of_a_message_is_a_disconnect() -> None:
+    async def main() -> None:
+        async with raw_plugin(Runtime()) as (conn, _, writer):
+            frame = mux.frames_for_message(mux.RUNTIME_SERVICE_CONN, b"\0" * 20)
+            writer.write(frame[:12])
+            await writer.drain()
+            writer.close()
+            await asyncio.wait_for(conn.wait_closed(), T)
+            assert conn.close_reason == "connection closed by peer in the middle of a message"
 
     run(main)
 
