@@ -41,6 +41,8 @@ PLUGIN_IDX_ENV = "NRI_PLUGIN_IDX"
 PLUGIN_SOCKET_FD = 3
 
 _READ_CHUNK = 64 * 1024
+# How long close() lets queued bytes drain to a peer before it drops them.
+_CLOSE_FLUSH_TIMEOUT = 1.0
 
 M = TypeVar("M", bound=Message)
 
@@ -101,6 +103,7 @@ class MuxPeer:
         self._read_task: asyncio.Task[None] | None = None
         self._closed_event = asyncio.Event()
         self._close_callbacks: list[Callable[[MuxPeer], None]] = []
+        self._flushed: asyncio.Future[None] | None = None
         self.close_reason = ""
         self.peer_pid = _peer_pid(writer)
 
@@ -144,8 +147,15 @@ class MuxPeer:
             task.cancel()
         if others:
             await asyncio.gather(*others, return_exceptions=True)
-        with contextlib.suppress(OSError, RuntimeError):
-            await self._writer.wait_closed()
+        if self._flushed is None:
+            self._flushed = asyncio.ensure_future(self._writer.wait_closed())
+            # Retrieve its exception, if any, so that none is reported as lost.
+            self._flushed.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # asyncio.wait, unlike a timeout, does not cancel the shared close waiter.
+        done, _ = await asyncio.wait({self._flushed}, timeout=_CLOSE_FLUSH_TIMEOUT)
+        if not done:
+            # The peer does not read what is still queued for it: drop it.
+            self._writer.transport.abort()
 
     def _shutdown(self, reason: str) -> None:
         if self.closed:

@@ -619,3 +619,19 @@ def test_executable_plugin_dialing_the_socket(tmp_path: Path) -> None:
             await server.wait_closed()
 
     run(main)
+
+
+def test_a_plugin_that_stops_reading_cannot_hang_calls_or_close() -> None:
+    async def main() -> None:
+        async with raw_plugin(Runtime()) as (conn, _, _writer):
+            # Nobody reads the other end: a large request fills the socket buffers.
+            pods = [api_pb2.PodSandbox(id="p", annotations={"a": "x" * (3 << 20)})]
+            with pytest.raises(NriTimeout):
+                await conn.synchronize(api_pb2.SynchronizeRequest(pods=pods), 0.3)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await conn.close("plugin stuck")
+            assert loop.time() - started < 3
+            assert conn.close_reason == "plugin stuck"
+
+    run(main)
