@@ -195,6 +195,8 @@ class MuxPeer:
         the call's deadline)."""
         if self.closed:
             raise NriDisconnected(f"connection closed: {self.close_reason}")
+        # Nothing below awaits before the request is written: stream ids reach the wire in
+        # increasing order, which ttrpc servers require.
         sid = self._ids.next()
         data = ttrpc.encode_request(
             service, method, request.SerializeToString(), timeout_nano=int(timeout * 1e9)
@@ -271,6 +273,9 @@ class MuxPeer:
             reason = f"protocol error: {exc}"
         except (ConnectionError, OSError) as exc:
             reason = f"read failed: {exc}"
+        except Exception as exc:
+            log.exception("NRI connection %s: reading failed", self.label or "?")
+            reason = f"internal error: {exc!r}"
         except asyncio.CancelledError:
             reason = self.close_reason or "cancelled"
             self._shutdown(reason)
@@ -330,6 +335,7 @@ class MuxPeer:
                     response = await handler(request)
             else:
                 response = await handler(request)
+            payload = response.SerializeToString()
         except NriCallError as exc:
             await self._respond_error(stream_id, exc.code, exc.message)
             return
@@ -344,7 +350,7 @@ class MuxPeer:
             log.exception("NRI %s handler failed", req.method)
             await self._respond_error(stream_id, ttrpc.Code.UNKNOWN, str(exc))
             return
-        await self._respond(stream_id, ttrpc.encode_response(response.SerializeToString()))
+        await self._respond(stream_id, ttrpc.encode_response(payload))
 
     async def _respond_error(self, stream_id: int, code: int, message: str) -> None:
         await self._respond(stream_id, ttrpc.encode_response(code=code, message=message))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -633,5 +634,34 @@ def test_a_plugin_that_stops_reading_cannot_hang_calls_or_close() -> None:
             await conn.close("plugin stuck")
             assert loop.time() - started < 3
             assert conn.close_reason == "plugin stuck"
+
+    run(main)
+
+
+def test_random_bytes_never_break_the_runtime_side() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        leaked: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, ctx: leaked.append(ctx))
+        rng = random.Random(1234)
+        valid = mux.frames_for_message(
+            mux.RUNTIME_SERVICE_CONN,
+            ttrpc.encode_frame(1, ttrpc.MessageType.REQUEST, register_request("fz", "01")),
+        )
+        for _ in range(40):
+            blob = bytearray(valid * rng.randint(0, 2))
+            for _ in range(rng.randint(0, 8)):
+                if blob and rng.random() < 0.5:
+                    blob[rng.randrange(len(blob))] = rng.randrange(256)
+                else:
+                    blob += rng.randbytes(rng.randint(1, 40))
+            runtime = Runtime()
+            async with raw_plugin(runtime) as (conn, _, writer):
+                writer.write(bytes(blob))
+                await writer.drain()
+                writer.close()
+                await asyncio.wait_for(conn.wait_closed(), T)
+                assert conn.close_reason
+        assert leaked == []
 
     run(main)
