@@ -64,6 +64,17 @@ class NriCallError(NriError):
         self.message = message
 
 
+class NriMessageTooLarge(NriCallError):
+    """A request (or its answer) exceeds ttrpc's maximum message size (RESOURCE_EXHAUSTED,
+    as a Go client reports it): `length` bytes against `maximum`. NRI answers this for
+    Synchronize by sending the state in smaller parts."""
+
+    def __init__(self, message: str, length: int, maximum: int = ttrpc.MAX_MESSAGE_LENGTH) -> None:
+        super().__init__(ttrpc.Code.RESOURCE_EXHAUSTED, message)
+        self.length = length
+        self.maximum = maximum
+
+
 class NriTimeout(NriError):
     """The peer did not answer in time."""
 
@@ -205,7 +216,7 @@ class MuxPeer:
             message = ttrpc.encode_frame(sid, ttrpc.MessageType.REQUEST, data)
         except ttrpc.OversizedMessageError as exc:
             # What a Go ttrpc client reports for a request it cannot send.
-            raise NriCallError(ttrpc.Code.RESOURCE_EXHAUSTED, str(exc)) from exc
+            raise NriMessageTooLarge(f"{method}: {exc}", exc.length) from exc
         fut: asyncio.Future[ttrpc.Frame | ttrpc.OversizedFrame] = (
             asyncio.get_running_loop().create_future()
         )
@@ -219,10 +230,10 @@ class MuxPeer:
         finally:
             self._pending.pop(sid, None)
         if isinstance(frame, ttrpc.OversizedFrame):
-            raise NriCallError(
-                ttrpc.Code.RESOURCE_EXHAUSTED,
+            raise NriMessageTooLarge(
                 f"{method}: response of {frame.length} bytes exceeds the maximum"
                 f" of {ttrpc.MAX_MESSAGE_LENGTH}",
+                frame.length,
             )
         try:
             rsp = ttrpc.decode_response(frame.data)

@@ -21,6 +21,7 @@ from cripy.nri.connection import (
     PLUGIN_SERVICE,
     NriCallError,
     NriDisconnected,
+    NriMessageTooLarge,
     NriTimeout,
     PluginConnection,
     plugin_environment,
@@ -399,9 +400,11 @@ def test_oversized_request_is_refused_before_sending() -> None:
         plugin = NriPlugin()
         async with connected(plugin) as (conn, _):
             pods = [api_pb2.PodSandbox(id="p", annotations={"a": "x" * (5 << 20)})]
-            with pytest.raises(NriCallError) as info:
+            with pytest.raises(NriMessageTooLarge) as info:
                 await conn.synchronize(api_pb2.SynchronizeRequest(pods=pods), T)
             assert info.value.code == ttrpc.Code.RESOURCE_EXHAUSTED
+            assert info.value.length > (5 << 20)
+            assert info.value.maximum == 4 << 20
             assert not conn.closed
             await conn.synchronize(api_pb2.SynchronizeRequest(), T)
 
