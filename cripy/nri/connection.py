@@ -229,6 +229,8 @@ class MuxPeer:
             raise NriTimeout(f"{method}: no answer within {timeout:g}s") from None
         finally:
             self._pending.pop(sid, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a disconnect may have set one nobody awaits
         if isinstance(frame, ttrpc.OversizedFrame):
             raise NriMessageTooLarge(
                 f"{method}: response of {frame.length} bytes exceeds the maximum"
@@ -305,9 +307,15 @@ class MuxPeer:
         if msg.type != ttrpc.MessageType.REQUEST:
             return  # data frames belong to streaming calls, which NRI does not use
         if not ttrpc.is_client_stream(msg.stream_id):
-            raise ttrpc.TtrpcProtocolError(
-                f"request on stream {msg.stream_id}: client streams must be odd"
+            # Answered on that stream, as ttrpc servers do, so the caller learns which.
+            self._spawn(
+                self._respond_error(
+                    msg.stream_id,
+                    ttrpc.Code.INVALID_ARGUMENT,
+                    "StreamID must be odd for client initiated streams",
+                )
             )
+            return
         if isinstance(msg, ttrpc.OversizedFrame):
             self._spawn(
                 self._respond_error(

@@ -411,15 +411,30 @@ def test_oversized_request_is_refused_before_sending() -> None:
     run(main)
 
 
-def test_protocol_violation_closes_the_connection() -> None:
+def test_request_on_an_even_stream_is_refused_on_that_stream() -> None:
+    async def main() -> None:
+        runtime = Runtime()
+        async with raw_plugin(runtime) as (conn, reader, writer):
+            # Only clients open streams, with odd ids.
+            rsp = await asyncio.wait_for(
+                raw_call(reader, writer, register_request("ev", "01"), stream_id=2), T
+            )
+            assert rsp.status.code == ttrpc.Code.INVALID_ARGUMENT
+            assert rsp.status.message == "StreamID must be odd for client initiated streams"
+            assert runtime.registrations == []
+            assert not conn.closed
+
+    run(main)
+
+
+def test_malformed_request_closes_the_connection() -> None:
     async def main() -> None:
         async with raw_plugin(Runtime()) as (conn, reader, writer):
-            # A request on an even stream id: only clients open streams, with odd ids.
-            bad = ttrpc.encode_frame(2, ttrpc.MessageType.REQUEST, b"")
+            bad = ttrpc.encode_frame(1, ttrpc.MessageType.REQUEST, b"\x0a\x05ab")
             writer.write(mux.frames_for_message(mux.RUNTIME_SERVICE_CONN, bad))
             await writer.drain()
             await asyncio.wait_for(conn.wait_closed(), T)
-            assert "client streams must be odd" in conn.close_reason
+            assert conn.close_reason.startswith("protocol error: malformed ttrpc request")
             assert await reader.read() == b""  # we hung up
 
     run(main)
