@@ -15,6 +15,11 @@ kubelet sizes it: no memory or CPU limit when the containers together have none.
 
 A pod without a cgroup of its own (the driver's default parent, or one other pods share)
 cannot get pod-level limits: asking for them is refused.
+
+Only with `[runtime] pod_cgroup_resources = true`: the kubelet writes its pod cgroups
+itself before RunPodSandbox and before UpdatePodSandboxResources, and the sum it sends
+leaves out containers without a limit (where its own pod cgroup has none), so by default
+the values are checked and recorded only, as CRI-O and containerd treat them.
 """
 
 from __future__ import annotations
@@ -182,9 +187,10 @@ def systemd_properties(limits: PodLimits, cgroup_v2: bool) -> list[str]:
 async def apply(sandboxes: SandboxManager, sandbox: Sandbox,
                 resources: pb.LinuxContainerResources,
                 overhead: pb.LinuxContainerResources) -> bool:
-    """Apply the pod-level resources to the pod's cgroup; False when there are none."""
+    """Apply the pod-level resources to the pod's cgroup; False when there are none, or
+    when the configuration leaves the pod cgroup to the kubelet."""
     limits = pod_limits(resources, overhead)
-    if limits is None:
+    if limits is None or not sandboxes.config.runtime.pod_cgroup_resources:
         return False
     parent = sandbox.config.linux.cgroup_parent
     driver = sandboxes.oci.cgroups

@@ -1,21 +1,43 @@
-"""Pod-level resources on this host's cgroup v1 (cgroupfs driver): the overhead plus the
-containers' sum, given at RunPodSandbox and by UpdatePodSandboxResources, land in the
-pod cgroup's files."""
+"""Pod-level resources on this host's cgroup v1 (cgroupfs driver): with
+`[runtime] pod_cgroup_resources` the overhead plus the containers' sum, given at
+RunPodSandbox and by UpdatePodSandboxResources, land in the pod cgroup's files; without
+it (the default) they are checked and recorded, and the kubelet's pod cgroup is left alone."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from cripy.api import api_pb2 as pb
-from tests.support.pods import Pods, pod_config
+from tests.support.daemon import Daemon
+from tests.support.pods import Node, Pods, bridge_network, leftovers, pod_config, remove_cgroup
+from tests.support.registry import Registry
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MiB = 1024 * 1024
 R = pb.LinuxContainerResources
+
+
+@pytest.fixture
+def writing_pods(tmp_path: Path, registry: Registry, images: Any) -> Iterator[Pods]:
+    """Pods of a daemon with pod_cgroup_resources on."""
+    daemon = Daemon(tmp_path / "daemon", insecure_registries=[registry.host],
+                    extra_config="[runtime]\npod_cgroup_resources = true\n")
+    with bridge_network(daemon.cni_dir, tmp_path, 57) as bridge, daemon:
+        daemon.pull(images.busybox.ref)
+        tracker = Pods(Node(daemon, bridge, images.busybox.ref, tmp_path), tmp_path / "logs")
+        try:
+            yield tracker
+        finally:
+            tracker.cleanup()
+            leaks = leftovers(daemon, bridge, tracker.cgroup_parent)
+            remove_cgroup(tracker.cgroup_parent)
+            assert leaks == [], f"the test leaked: {leaks}"
 
 
 def pod_file(pods: Pods, controller: str, name: str) -> str:
@@ -43,7 +65,8 @@ def rpc_error(call: object) -> grpc.RpcError:
     return info.value
 
 
-def test_run_and_update_apply_overhead_plus_resources(pods: Pods) -> None:
+def test_run_and_update_apply_overhead_plus_resources(writing_pods: Pods) -> None:
+    pods = writing_pods
     overhead = R(cpu_shares=102, cpu_quota=10_000, cpu_period=100_000,
                  memory_limit_in_bytes=8 * MiB)
     pod_id = pods.run("podres", overhead=overhead, resources=R(
@@ -71,7 +94,8 @@ def test_run_and_update_apply_overhead_plus_resources(pods: Pods) -> None:
     assert int(pod_file(pods, "memory", "memory.limit_in_bytes")) > 1 << 60
 
 
-def test_bad_requests_are_refused_with_the_reason(pods: Pods) -> None:
+def test_bad_requests_are_refused_with_the_reason(writing_pods: Pods) -> None:
+    pods = writing_pods
     unknown = rpc_error(lambda: update(pods, "f" * 64, R(cpu_shares=512), R()))
     assert unknown.code() == grpc.StatusCode.NOT_FOUND
 
@@ -98,3 +122,17 @@ def test_bad_requests_are_refused_with_the_reason(pods: Pods) -> None:
                                                       R(cpu_shares=256)))
     assert default.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "the default one" in (default.details() or "")
+
+
+def test_by_default_the_pod_cgroup_is_left_to_the_kubelet(pods: Pods) -> None:
+    pod_id = pods.run("podres-off", resources=R(cpu_shares=512, memory_limit_in_bytes=64 * MiB))
+    update(pods, pod_id, R(cpu_shares=1024, memory_limit_in_bytes=128 * MiB), R())
+    for controller in ("cpu", "memory"):  # no container yet: nobody made the pod cgroup
+        assert not (CGROUP_ROOT / controller / pods.cgroup_parent.lstrip("/")).exists()
+    info = json.loads(pods.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(
+        pod_sandbox_id=pod_id, verbose=True)).info["info"])
+    assert info["config"]["linux"]["resources"]["memoryLimitInBytes"] == str(128 * MiB)
+    bad = rpc_error(lambda: update(pods, pod_id, R(cpu_period=10), R()))
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    unknown = rpc_error(lambda: update(pods, "e" * 64, R(cpu_shares=512), R()))
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND
