@@ -24,10 +24,12 @@ from cripy.errors import IntegrityError, InvalidArgumentError
 from cripy.fsutil import remove_tree
 from cripy.image.layer import apply_layer
 from cripy.image.manifest import Descriptor
+from cripy.image.pinning import PinnedImages
 from cripy.image.reference import Reference, parse_reference
 from cripy.image.registry import Credentials, RegistryClient, Resolved
 from cripy.image.store import ImageRecord, ImageStore, LayerRecord, digest_hex
 from cripy.metrics import record_pull
+from cripy.oci.handlers import select
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class ImageManager:
         self._download_slots = asyncio.Semaphore(config.image.pull_concurrency)
         # Layers containers are built on; set by the daemon once containers exist.
         self.layers_in_use: Callable[[], frozenset[str]] = frozenset
+        self.pinned = PinnedImages(config.image.pinned_images)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.load)
@@ -226,6 +229,17 @@ class ImageManager:
         if config is None:
             config = self._configs[record.id] = json.loads(self.store.read_blob(record.id))
         return config
+
+    def is_pinned(self, record: ImageRecord) -> bool:
+        """Whether the kubelet's image GC must leave this image (`[image] pinned_images`)."""
+        return record.pinned or self.pinned.matches(record.repo_tags + record.repo_digests)
+
+    def check_runtime_handler(self, name: str) -> None:
+        """ImageSpec.runtime_handler must name a configured handler ("" is the default).
+
+        Every handler shares one image store, so the image is the same for all of them.
+        """
+        select(self.config.runtime.handlers, self.config.runtime.default_handler, name)
 
     def image_user(self, record: ImageRecord) -> ImageUser:
         return user_from_config(self.image_config(record))
