@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from cripy.config import Config
 from cripy.crashpoints import crash_point
-from cripy.errors import IntegrityError, InvalidArgumentError
+from cripy.errors import FailedPreconditionError, IntegrityError, InvalidArgumentError
 from cripy.fsutil import remove_tree
 from cripy.image.layer import apply_layer
 from cripy.image.manifest import Descriptor
@@ -61,6 +61,8 @@ class ImageManager:
         # Layers containers are built on; set by the daemon once containers exist.
         self.layers_in_use: Callable[[], frozenset[str]] = frozenset
         self.pinned = PinnedImages(config.image.pinned_images)
+        # The containers mounting an image as an image volume; set by the daemon.
+        self.image_volume_users: Callable[[str], list[str]] = lambda image_id: []
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.load)
@@ -249,6 +251,11 @@ class ImageManager:
         record = self.lookup(text)
         if record is None:
             return
+        users = self.image_volume_users(record.id)
+        if users:
+            raise FailedPreconditionError(
+                f"image {text!r} ({record.id}) is mounted as an image volume by container "
+                f"{', '.join(users)}: remove the container first")
         await asyncio.to_thread(self.store.delete_image, record.id)
         self._configs.pop(record.id, None)
         await self.collect_garbage()

@@ -42,6 +42,7 @@ from cripy.runtime.store import (
     Sandbox,
     Store,
 )
+from cripy.storage import image_volume
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,11 @@ class ContainerManager:
             used.update(self._layers_file(container.id))
         return frozenset(used)
 
+    def image_volume_users(self, image_id: str) -> list[str]:
+        """The containers (ID and name) that mount image `image_id` as an image volume."""
+        return [f"{c.id} ({c.name})" for c in self.store.all()
+                if image_id in image_volume.volume_images(c.config)]
+
     async def refresh(self, container: Container) -> Container:
         """Notice that a live container exited (conmon wrote its exit file)."""
         if not container.live:
@@ -206,6 +212,7 @@ class ContainerManager:
         image = self.images.lookup(config.image.image)
         if image is None:
             raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
+        config = image_volume.resolve_image_mounts(config, self.images.lookup)
         log_path = (str(validate_log_path(sandbox.config.log_directory, config.log_path))
                     if config.log_path else "")
         async with contextlib.AsyncExitStack() as held:
@@ -241,11 +248,24 @@ class ContainerManager:
         record_dir = self.store.object_dir(container.id)
         bundle = self.bundle_dir(container.id)
         rootfs = bundle / "rootfs"
-        # The layers are noted before the mount so image GC never removes them under us.
-        await asyncio.to_thread(atomic_write_json, record_dir / "layers.json", layers)
+        # The layers (image volumes' too) are noted before the mount so image GC never
+        # removes them under us.
+        volume_images = [store.get(i) for i in image_volume.volume_images(container.config)]
+        if None in volume_images:
+            raise NotFoundError("an image volume's image was removed during the create")
+        await asyncio.to_thread(atomic_write_json, record_dir / "layers.json",
+                                layers + [d for i in volume_images if i for d in i.layers])
         lowers = [f"{store.layer_dir(d).name}/diff" for d in reversed(layers)]
         await self.host.mount_overlay(store.layers, lowers, record_dir / "upper",
                                       record_dir / "work", rootfs)
+        volumes = []
+        for index, m in enumerate(container.config.mounts):
+            if image_volume.is_image_mount(m):
+                volume = store.get(m.image.image_ref)
+                assert volume is not None  # its layers are noted in layers.json
+                volumes.append(await image_volume.mount_image_volume(
+                    bundle, index, store.layers,
+                    [f"{store.layer_dir(d).name}/diff" for d in reversed(volume.layers)], m))
         crash_point("create-container-after-mount")
         image = store.get(container.image_id)
         if image is None:
@@ -256,7 +276,8 @@ class ContainerManager:
             # The image config, the rootfs's passwd and group, mountinfo, /dev: all reads.
             image_config = self.images.image_config(image)
             spec = build_container_spec(
-                _effective_config(container.config, sandbox), sandbox.config, image_config,
+                _effective_config(image_volume.with_volume_binds(container.config, volumes),
+                                  sandbox), sandbox.config, image_config,
                 self.sandboxes.spec_context(sandbox, container.id, rootfs))
             atomic_write_json(bundle / "config.json", spec)
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -358,6 +379,7 @@ class ContainerManager:
                         container_id[:12], exc)
         bundle = self.bundle_dir(container_id)
         await self.host.unmount(bundle / "rootfs")
+        await image_volume.unmount_volumes(bundle)
         await asyncio.to_thread(remove_tree, bundle)
         await self.store.delete(container_id)
 
@@ -447,7 +469,9 @@ class ContainerManager:
 
     async def recover(self) -> None:
         """Load the records; finish off containers a crash left half made; notice exits."""
-        for loaded in await self.store.load():
+        loaded_records = await self.store.load()
+        await image_volume.unmount_orphans(self._run_dir, {r.id for r in loaded_records})
+        for loaded in loaded_records:
             container = loaded.obj
             if container is None:
                 await self._destroy_leftover(loaded.id)
@@ -475,6 +499,7 @@ class ContainerManager:
     async def _destroy_leftover(self, container_id: str) -> None:
         await self.oci.delete(container_id)
         await self.host.unmount(self.bundle_dir(container_id) / "rootfs")
+        await image_volume.unmount_volumes(self.bundle_dir(container_id))
         await asyncio.to_thread(remove_tree, self.bundle_dir(container_id))
         await asyncio.to_thread(remove_tree, self.store.object_dir(container_id))
 
