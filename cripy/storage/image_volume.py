@@ -56,6 +56,10 @@ def check_image_mount(m: pb.Mount) -> None:
             f"{m.host_path!r})")
     if m.uidMappings or m.gidMappings:
         raise InvalidArgumentError(f"{where}: id-mapped image volumes are not supported")
+    if m.propagation == pb.PROPAGATION_BIDIRECTIONAL:
+        raise InvalidArgumentError(
+            f"{where}: a read-only image cannot propagate mounts back to the host "
+            "(bidirectional propagation)")
     sub_path_components(m.image_sub_path, where)
 
 
@@ -177,8 +181,10 @@ def with_volume_binds(config: pb.ContainerConfig, volumes: list[MountedVolume]
     effective.CopyFrom(config)
     for volume in volumes:
         m = effective.mounts[volume.index]
+        # Private: nothing is ever mounted under an image volume on the host, so
+        # host-to-container propagation would carry nothing either.
         bind = pb.Mount(container_path=m.container_path, host_path=str(volume.source),
-                        readonly=True, propagation=m.propagation,
+                        readonly=True, propagation=pb.PROPAGATION_PRIVATE,
                         recursive_read_only=m.recursive_read_only)
         m.CopyFrom(bind)
     return effective

@@ -38,10 +38,13 @@ async def mount_readonly_overlay(layers_root: Path, lowers: list[str], target: P
     Without an upper layer overlayfs wants two lower layers at least: `empty` (made here,
     an empty directory) fills in for missing ones.
     """
-    target.mkdir(parents=True, exist_ok=True)
     padding = [empty / str(i) for i in range(max(0, 2 - len(lowers)))]
-    for directory in padding:
-        directory.mkdir(parents=True, exist_ok=True)
+
+    def make_dirs() -> None:
+        for directory in [target, *padding]:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    await asyncio.to_thread(make_dirs)
     lowers = lowers + [str(p) for p in padding]
     await _mount_layers(layers_root, lowers, f"ro,lowerdir={':'.join(lowers)}", target)
 

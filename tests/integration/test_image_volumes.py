@@ -118,11 +118,13 @@ def test_the_image_is_mounted_read_only_with_its_layers_merged(
 def test_sub_paths_mount_a_directory_a_file_or_an_in_image_symlink(
         pods: Pods, volume_image: PushedImage) -> None:
     pods.node.daemon.pull(volume_image.ref)
+    one_layer = image_mount(pods.node.image, "/busybox", "bin")
+    one_layer.propagation = pb.PROPAGATION_HOST_TO_CONTAINER  # nothing to carry: accepted
     cid = create(pods, pods.run("sub"), [
         image_mount(volume_image.ref, "/web", "data/web"),
         image_mount(volume_image.ref, "/etc/app.conf", "data/conf/app.conf"),
         image_mount(volume_image.ref, "/current", "current"),  # -> /data/web in the image
-        image_mount(pods.node.image, "/busybox", "bin"),  # a one-layer image
+        one_layer,
     ])
     assert out(pods, cid, "ls", "/web").split() == ["index.html"]
     assert out(pods, cid, "cat", "/etc/app.conf") == "answer=42\n"

@@ -72,6 +72,7 @@ def _mount(**kwargs: object) -> pb.Mount:
     (_mount(host_path="/etc"), "not both"),
     (_mount(uidMappings=[pb.IDMapping(host_id=1, container_id=0, length=1)]), "id-mapped"),
     (_mount(image_sub_path="../x"), "must not contain"),
+    (_mount(propagation=pb.PROPAGATION_BIDIRECTIONAL), "bidirectional"),
 ])
 def test_image_mounts_that_cannot_be_are_refused(mount: pb.Mount, message: str) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
@@ -93,6 +94,7 @@ def test_resolved_config_names_the_image_id_and_unknown_images_are_not_found() -
 
 def test_image_mounts_become_read_only_binds_of_their_volume(tmp_path: Path) -> None:
     config = pb.ContainerConfig(mounts=[_mount(image_sub_path="data")])
+    config.mounts[0].propagation = pb.PROPAGATION_HOST_TO_CONTAINER
     bound = with_volume_binds(config, [MountedVolume(0, tmp_path / "data")])
     assert bound.mounts[0] == pb.Mount(container_path="/vol", host_path=str(tmp_path / "data"),
                                        readonly=True)
