@@ -4,7 +4,6 @@ daemon, runc and the tests' own registry."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,8 +14,13 @@ from tests.support.daemon import Daemon
 from tests.support.images import PushedImage, push_volume_data
 from tests.support.pods import Node, Pods, bridge_network, container_config
 from tests.support.registry import Registry
-
-VOLUME = "/vol"
+from tests.support.volumes import (
+    VOLUME,
+    create_with_mounts,
+    exec_out,
+    image_mount,
+    volume_mounts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,37 +41,10 @@ def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry, images: A
         yield Node(daemon, bridge, images.busybox.ref, tmp)
 
 
-def image_mount(image: str, container_path: str = VOLUME, sub_path: str = "",
-                readonly: bool = True) -> pb.Mount:
-    return pb.Mount(container_path=container_path, image=pb.ImageSpec(image=image),
-                    image_sub_path=sub_path, readonly=readonly)
-
-
-def create(pods: Pods, pod_id: str, mounts: list[pb.Mount], name: str = "c") -> str:
-    config = container_config(name, pods.node.image, ["sleep", "300"])
-    config.mounts.extend(mounts)
-    cid: str = pods.runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=pod_id, config=config, sandbox_config=pods.config(pod_id)),
-        timeout=60).container_id
-    pods.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-    return cid
-
-
 def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value
-
-
-def out(pods: Pods, cid: str, *cmd: str) -> str:
-    result = pods.exec(cid, *cmd)
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.decode()
-
-
-def volume_mounts(daemon: Daemon) -> list[str]:
-    return [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-            if str(daemon.workdir) in line and "/image-volumes/" in line.split()[1]]
 
 
 def remove_container(pods: Pods, cid: str) -> None:
@@ -92,16 +69,16 @@ def test_the_image_is_mounted_read_only_with_its_layers_merged(
         pods: Pods, volume_image: PushedImage) -> None:
     daemon = pods.node.daemon
     image_id = daemon.pull(volume_image.ref)
-    cid = create(pods, pods.run("vol"), [image_mount(volume_image.ref)])
+    cid = create_with_mounts(pods, pods.run("vol"), [image_mount(volume_image.ref)])
 
-    assert out(pods, cid, "cat", f"{VOLUME}/data/web/index.html") == "v2\n"
-    assert out(pods, cid, "cat", f"{VOLUME}/data/conf/app.conf") == "answer=42\n"
-    assert out(pods, cid, "ls", f"{VOLUME}/data/web").split() == ["index.html"]  # whiteout
+    assert exec_out(pods, cid, "cat", f"{VOLUME}/data/web/index.html") == "v2\n"
+    assert exec_out(pods, cid, "cat", f"{VOLUME}/data/conf/app.conf") == "answer=42\n"
+    assert exec_out(pods, cid, "ls", f"{VOLUME}/data/web").split() == ["index.html"]  # whiteout
     write = pods.exec(cid, "sh", "-c", f"echo x > {VOLUME}/new")
     assert write.exit_code != 0
     assert b"Read-only file system" in write.stderr
     assert pods.exec(cid, "rm", f"{VOLUME}/readme").exit_code != 0
-    assert out(pods, cid, "cat", f"{VOLUME}/readme") == "volume\n"
+    assert exec_out(pods, cid, "cat", f"{VOLUME}/readme") == "volume\n"
 
     # The client sees which content it got: the reference it asked for and the image ID.
     (mount,) = pods.status(cid).status.mounts
@@ -120,16 +97,16 @@ def test_sub_paths_mount_a_directory_a_file_or_an_in_image_symlink(
     pods.node.daemon.pull(volume_image.ref)
     one_layer = image_mount(pods.node.image, "/busybox", "bin")
     one_layer.propagation = pb.PROPAGATION_HOST_TO_CONTAINER  # nothing to carry: accepted
-    cid = create(pods, pods.run("sub"), [
+    cid = create_with_mounts(pods, pods.run("sub"), [
         image_mount(volume_image.ref, "/web", "data/web"),
         image_mount(volume_image.ref, "/etc/app.conf", "data/conf/app.conf"),
         image_mount(volume_image.ref, "/current", "current"),  # -> /data/web in the image
         one_layer,
     ])
-    assert out(pods, cid, "ls", "/web").split() == ["index.html"]
-    assert out(pods, cid, "cat", "/etc/app.conf") == "answer=42\n"
-    assert out(pods, cid, "cat", "/current/index.html") == "v2\n"
-    assert "busybox" in out(pods, cid, "ls", "/busybox").split()
+    assert exec_out(pods, cid, "ls", "/web").split() == ["index.html"]
+    assert exec_out(pods, cid, "cat", "/etc/app.conf") == "answer=42\n"
+    assert exec_out(pods, cid, "cat", "/current/index.html") == "v2\n"
+    assert "busybox" in exec_out(pods, cid, "ls", "/busybox").split()
     assert pods.exec(cid, "touch", "/web/x").exit_code != 0
     assert pods.exec(cid, "touch", "/busybox/x").exit_code != 0
     assert [m.image_sub_path for m in pods.status(cid).status.mounts] == [
@@ -154,7 +131,7 @@ def test_bad_image_mounts_are_refused_at_create(
     daemon = pods.node.daemon
     daemon.pull(volume_image.ref)
     pod_id = pods.run("bad")
-    err = rpc_error(lambda: create(pods, pod_id, [mount(volume_image.ref)]))
+    err = rpc_error(lambda: create_with_mounts(pods, pod_id, [mount(volume_image.ref)]))
     assert err.code() == code, err.details()
     for word in words:
         assert word in (err.details() or "")
@@ -167,7 +144,7 @@ def test_an_image_in_use_by_a_volume_cannot_be_removed(
         pods: Pods, registry: Registry, volume_image: PushedImage) -> None:
     daemon = pods.node.daemon
     image_id = daemon.pull(volume_image.ref)
-    cid = create(pods, pods.run("inuse"), [image_mount(volume_image.ref)], name="user")
+    cid = create_with_mounts(pods, pods.run("inuse"), [image_mount(volume_image.ref)], name="user")
     for name in (volume_image.ref, image_id):
         err = rpc_error(lambda name=name: remove_image(daemon, name))  # type: ignore[misc]
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -178,7 +155,7 @@ def test_an_image_in_use_by_a_volume_cannot_be_removed(
     assert image_id in [i.id for i in listed]
     (fs,) = daemon.images.ImageFsInfo(pb.ImageFsInfoRequest()).image_filesystems
     assert fs.used_bytes.value > 0
-    assert out(pods, cid, "cat", f"{VOLUME}/data/web/index.html") == "v2\n"
+    assert exec_out(pods, cid, "cat", f"{VOLUME}/data/web/index.html") == "v2\n"
 
     remove_container(pods, cid)
     remove_image(daemon, volume_image.ref)
@@ -193,11 +170,12 @@ def test_volumes_survive_a_daemon_kill_and_are_unmounted_on_removal_after_it(
         pods: Pods, volume_image: PushedImage) -> None:
     daemon = pods.node.daemon
     daemon.pull(volume_image.ref)
-    cid = create(pods, pods.run("kill"), [image_mount(volume_image.ref, sub_path="data")])
+    cid = create_with_mounts(pods, pods.run("kill"),
+                             [image_mount(volume_image.ref, sub_path="data")])
     daemon.kill()
     daemon.start()
     assert pods.status(cid).status.state == pb.CONTAINER_RUNNING
-    assert out(pods, cid, "cat", f"{VOLUME}/web/index.html") == "v2\n"
+    assert exec_out(pods, cid, "cat", f"{VOLUME}/web/index.html") == "v2\n"
     assert pods.status(cid).status.mounts[0].image.image_ref == volume_image.config_digest
     err = rpc_error(lambda: remove_image(daemon, volume_image.ref))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION  # known after the restart too
