@@ -250,22 +250,27 @@ class ContainerManager:
         rootfs = bundle / "rootfs"
         # The layers (image volumes' too) are noted before the mount so image GC never
         # removes them under us.
-        volume_images = [store.get(i) for i in image_volume.volume_images(container.config)]
-        if None in volume_images:
-            raise NotFoundError("an image volume's image was removed during the create")
+        volume_images = {}
+        for image_id in image_volume.volume_images(container.config):
+            found = store.get(image_id)
+            if found is None:
+                raise NotFoundError(f"image {image_id} of an image volume was removed during "
+                                    "the create")
+            volume_images[image_id] = found
         await asyncio.to_thread(atomic_write_json, record_dir / "layers.json",
-                                layers + [d for i in volume_images if i for d in i.layers])
-        lowers = [f"{store.layer_dir(d).name}/diff" for d in reversed(layers)]
-        await self.host.mount_overlay(store.layers, lowers, record_dir / "upper",
+                                layers + [d for i in volume_images.values() for d in i.layers])
+
+        def lowers(diff_ids: list[str]) -> list[str]:  # topmost first, under store.layers
+            return [f"{store.layer_dir(d).name}/diff" for d in reversed(diff_ids)]
+
+        await self.host.mount_overlay(store.layers, lowers(layers), record_dir / "upper",
                                       record_dir / "work", rootfs)
         volumes = []
         for index, m in enumerate(container.config.mounts):
             if image_volume.is_image_mount(m):
-                volume = store.get(m.image.image_ref)
-                assert volume is not None  # its layers are noted in layers.json
                 volumes.append(await image_volume.mount_image_volume(
                     bundle, index, store.layers,
-                    [f"{store.layer_dir(d).name}/diff" for d in reversed(volume.layers)], m))
+                    lowers(volume_images[m.image.image_ref].layers), m))
         crash_point("create-container-after-mount")
         image = store.get(container.image_id)
         if image is None:
