@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import secrets
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
+from cripy.oci import signals
 from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
 from cripy.runtime.events import CREATED as CREATED_EVENT
@@ -203,6 +203,7 @@ class ContainerManager:
             raise FailedPreconditionError(f"pod sandbox {sandbox.id} is not ready")
         if not config.metadata.name:
             raise InvalidArgumentError("container metadata.name is empty")
+        signals.from_pb(config.stop_signal)  # a clear error for an unknown one
         image = self.images.lookup(config.image.image)
         if image is None:
             raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
@@ -269,7 +270,7 @@ class ContainerManager:
             log_size_max=self.config.runtime.log_size_max, handler=sandbox.runtime_handler,
             cgroup_parent=sandbox.config.linux.cgroup_parent)
         crash_point("create-container-after-conmon")
-        return {"pid": pid, "stop_signal": _stop_signal(image_config)}
+        return {"pid": pid, "stop_signal": signals.stop_signal(c, image_config)}
 
     # --- StartContainer / StopContainer / RemoveContainer -------------------------------
 
@@ -491,17 +492,3 @@ def _effective_config(config: pb.ContainerConfig, sandbox: Sandbox) -> pb.Contai
     effective.linux.security_context.namespace_options.pid = pb.CONTAINER
     return effective
 
-
-def _stop_signal(image_config: dict[str, Any]) -> int:
-    """The image's StopSignal ("SIGQUIT", "QUIT" or "3"), SIGTERM by default."""
-    value = str((image_config.get("config") or {}).get("StopSignal") or "").upper()
-    if not value:
-        return signal.SIGTERM
-    if value.isdigit():
-        return int(value)
-    name = value if value.startswith("SIG") else f"SIG{value}"
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        log.warning("image stop signal %r is unknown: using SIGTERM", value)
-        return signal.SIGTERM
