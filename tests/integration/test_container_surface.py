@@ -9,11 +9,15 @@ import grpc
 import pytest
 
 from cripy.api import api_pb2 as pb
+from cripy.api import api_pb2_grpc
+from cripy.oci.runtime import EXEC_OUTPUT_LIMIT
 from tests.integration.test_pods import rpc_error
 from tests.support import images as img
 from tests.support.pods import Node, Pods, container_config
 from tests.support.registry import Registry
 
+#: The largest message the kubelet's CRI client takes.
+KUBELET_MESSAGE_LIMIT = 16 * 1024 * 1024
 #: A shell that reports the signal it got in its exit code.
 TRAPS = ("trap 'exit 3' QUIT; trap 'exit 10' USR1; trap 'exit 15' TERM; "
          "while true; do sleep 0.1; done")
@@ -78,3 +82,27 @@ def test_an_unknown_stop_signal_is_refused(pods: Pods) -> None:
         pod_sandbox_id=pod_id, config=config, sandbox_config=pods.config(pod_id)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "stop_signal 99" in str(err.details())
+
+
+# --- ExecSync output cap ----------------------------------------------------------------
+
+
+def test_exec_sync_output_past_16_mib_is_cut_to_fit_the_kubelets_limit(
+        pods: Pods, node: Node) -> None:
+    cid = pods.create(pods.run(), "chatty", ["sleep", "300"])
+    twenty_mib = 20 * 1024 * 1024
+    # The kubelet takes messages of at most 16 MiB: a client with that limit.
+    with grpc.insecure_channel(node.daemon.endpoint, options=[
+            ("grpc.max_receive_message_length", KUBELET_MESSAGE_LIMIT)]) as channel:
+        stub = api_pb2_grpc.RuntimeServiceStub(channel)
+        reply = stub.ExecSync(pb.ExecSyncRequest(container_id=cid, timeout=60, cmd=[
+            "sh", "-c", f"echo first >&2; head -c {twenty_mib} /dev/zero | tr '\\0' o; "
+                        "echo last >&2; exit 3"]), timeout=120)
+    assert reply.exit_code == 3
+    assert reply.stderr.startswith(b"first\n")
+    assert len(reply.stdout) + len(reply.stderr) == EXEC_OUTPUT_LIMIT
+    assert EXEC_OUTPUT_LIMIT > 16 * 1024 * 1024 - 64
+    assert set(reply.stdout) == {ord("o")}
+    assert reply.ByteSize() <= KUBELET_MESSAGE_LIMIT
+    # Output that fits is whole, and the container is fine afterwards.
+    assert pods.exec(cid, "sh", "-c", "echo out; echo err >&2").stderr == b"err\n"
