@@ -253,7 +253,7 @@ class ContainerManager:
             raise NotFoundError(f"image {container.image_id} was removed during the create")
         log_path = self.log_file(container)
 
-        def write_bundle() -> dict[str, Any]:
+        def write_bundle() -> tuple[dict[str, Any], dict[str, Any]]:
             # The image config, the rootfs's passwd and group, mountinfo, /dev: all reads.
             image_config = self.images.image_config(image)
             spec = build_container_spec(
@@ -261,16 +261,18 @@ class ContainerManager:
                 self.sandboxes.spec_context(sandbox, container.id, rootfs))
             atomic_write_json(bundle / "config.json", spec)
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            return image_config
+            return image_config, spec
 
-        image_config = await asyncio.to_thread(write_bundle)
+        image_config, spec = await asyncio.to_thread(write_bundle)
         c = container.config
         pid = await self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
             log_size_max=self.config.runtime.log_size_max, handler=sandbox.runtime_handler,
             cgroup_parent=sandbox.config.linux.cgroup_parent)
         crash_point("create-container-after-conmon")
-        return {"pid": pid, "stop_signal": signals.stop_signal(c, image_config)}
+        user = spec["process"]["user"]
+        return {"pid": pid, "stop_signal": signals.stop_signal(c, image_config),
+                "user": (user["uid"], user["gid"], *user.get("additionalGids", ()))}
 
     # --- StartContainer / StopContainer / RemoveContainer -------------------------------
 

@@ -23,6 +23,8 @@ def container_status(c: Container) -> pb.ContainerStatus:
         image_id=c.image_id,
         resources=pb.ContainerResources(linux=c.config.linux.resources),
         stop_signal=c.config.stop_signal or signals.to_pb(c.stop_signal),
+        user=pb.ContainerUser(linux=pb.LinuxContainerUser(
+            uid=c.user[0], gid=c.user[1], supplemental_groups=c.user[2:])) if c.user else None,
     )
 
 

@@ -106,3 +106,25 @@ def test_exec_sync_output_past_16_mib_is_cut_to_fit_the_kubelets_limit(
     assert reply.ByteSize() <= KUBELET_MESSAGE_LIMIT
     # Output that fits is whole, and the container is fine afterwards.
     assert pods.exec(cid, "sh", "-c", "echo out; echo err >&2").stderr == b"err\n"
+
+
+# --- ContainerStatus.user ---------------------------------------------------------------
+
+
+def test_status_reports_the_user_the_process_runs_as(pods: Pods) -> None:
+    security = pb.LinuxContainerSecurityContext(
+        run_as_user=pb.Int64Value(value=1000), run_as_group=pb.Int64Value(value=2000),
+        supplemental_groups=[4242, 5000])
+    cid = pods.create(pods.run(), "who", ["sleep", "300"], security_context=security)
+    user = pods.status(cid).status.user.linux
+    # busybox's /etc/group makes app (uid 1000) a member of users (100).
+    assert (user.uid, user.gid, sorted(user.supplemental_groups)) == \
+        (1000, 2000, [100, 2000, 4242, 5000])
+    # What the container's first process has, as the kernel sees it.
+    fields = dict(line.split(":", 1) for line in
+                  pods.exec(cid, "cat", "/proc/1/status").stdout.decode().splitlines())
+    assert fields["Uid"].split()[0] == "1000" and fields["Gid"].split()[0] == "2000"
+    assert sorted(int(g) for g in fields["Groups"].split()) == sorted(user.supplemental_groups)
+    # The image's user when the config names none (root in busybox).
+    root = pods.status(pods.create(pods.run(), "root", ["sleep", "300"])).status.user.linux
+    assert (root.uid, root.gid) == (0, 0)
