@@ -26,7 +26,7 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
-from cripy.oci import signals
+from cripy.oci import cdi, signals
 from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
 from cripy.runtime.events import CREATED as CREATED_EVENT
@@ -259,6 +259,7 @@ class ContainerManager:
             spec = build_container_spec(
                 _effective_config(container.config, sandbox), sandbox.config, image_config,
                 self.sandboxes.spec_context(sandbox, container.id, rootfs))
+            cdi.inject(spec, container.config, self.config.cdi.spec_dirs)
             atomic_write_json(bundle / "config.json", spec)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             return image_config, spec
