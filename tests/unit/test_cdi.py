@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cripy.api import api_pb2 as pb
+from cripy.config import Config, ConfigError, from_dict
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cripy.oci import cdi
 
@@ -297,3 +298,10 @@ def test_inject_resolves_and_applies(tmp_path: Path) -> None:
     untouched = oci_spec()
     cdi.inject(untouched, pb.ContainerConfig(), ["/nonexistent"])  # nothing asked: no reads
     assert untouched == oci_spec()
+
+
+def test_spec_dirs_are_configured_absolute() -> None:
+    assert Config().cdi.spec_dirs == ["/etc/cdi", "/var/run/cdi"]
+    assert from_dict({"cdi": {"spec_dirs": ["/opt/cdi"]}}).cdi.spec_dirs == ["/opt/cdi"]
+    with pytest.raises(ConfigError, match="cdi.spec_dirs: 'cdi' is not an absolute path"):
+        from_dict({"cdi": {"spec_dirs": ["cdi"]}})
