@@ -171,6 +171,15 @@ class NetworkConfig:
 
 
 @dataclass
+class CdiConfig:
+    spec_dirs: list[str] = _doc(
+        "Directories of CDI spec files (*.json, *.yaml) that CDI device names resolve "
+        "against; a later directory overrides an earlier one for the same device.",
+        default_factory=lambda: ["/etc/cdi", "/var/run/cdi"],
+    )
+
+
+@dataclass
 class Config:
     root: str = _doc("Persistent state: images, layers, container records.",
                      default="/var/lib/cripy")
@@ -184,6 +193,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    cdi: CdiConfig = field(default_factory=CdiConfig)
     registries: dict[str, RegistryHostConfig] = _doc(
         "Per-registry settings, one table per host: [registries.\"HOST[:PORT]\"].",
         default_factory=dict,
@@ -335,6 +345,9 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"streaming.port: {config.streaming.port} is not a port")
     if bool(config.streaming.tls_cert_file) != bool(config.streaming.tls_key_file):
         raise ConfigError("streaming: tls_cert_file and tls_key_file go together")
+    for directory in config.cdi.spec_dirs:
+        if not directory.startswith("/"):
+            raise ConfigError(f"cdi.spec_dirs: {directory!r} is not an absolute path")
     endpoint_to_path(config.listen)
     return config
 

@@ -70,8 +70,14 @@ _REOPEN_LOGS = b"2 0 0\n"
 _CTL_RESIZE = 1
 _CTL_MAX_SIZE = 1000
 
-#: exec_sync keeps at most this much of each output stream; the rest is read and dropped.
-EXEC_OUTPUT_LIMIT = 16 << 20
+#: The largest gRPC message the kubelet takes (and the daemon sends): 16 MiB.
+GRPC_MESSAGE_LIMIT = 16 << 20
+#: What an ExecSyncResponse adds to its output: two field tags and lengths, the exit code.
+EXEC_REPLY_FRAMING = 32
+#: exec_sync keeps at most this much of stdout and stderr together, first come first kept
+#: (CRI-O caps the two at 16 MiB together too); the rest is read and dropped, so that the
+#: reply always fits one gRPC message.
+EXEC_OUTPUT_LIMIT = GRPC_MESSAGE_LIMIT - EXEC_REPLY_FRAMING
 
 #: The exit code recorded for a container whose conmon died before writing one.
 UNKNOWN_EXIT_CODE = 255
@@ -1015,8 +1021,21 @@ async def _read_line(fd: int, timeout: float) -> bytes:
     return bytes(buf).split(b"\n", 1)[0].strip()
 
 
+class _Budget:
+    """How many more output bytes may be kept, shared by the streams that draw on it."""
+
+    def __init__(self, limit: int = EXEC_OUTPUT_LIMIT) -> None:
+        self.left = limit
+
+    def keep(self, chunk: bytes) -> bytes:
+        kept = chunk[:max(self.left, 0)]
+        self.left -= len(kept)
+        return kept
+
+
 class _Capture:
-    """Pipes for a child's stdout and stderr, read into bounded buffers.
+    """Pipes for a child's stdout and stderr, read into buffers that together keep at
+    most EXEC_OUTPUT_LIMIT bytes.
 
     Our own pipes rather than asyncio's: Process.wait() also waits for every holder of
     an asyncio pipe to let go, and children the command leaves behind may never do so.
@@ -1040,9 +1059,10 @@ class _Capture:
         for fd in (self.out_w, self.err_w):
             os.close(fd)
             self._fds.remove(fd)
+        budget = _Budget()
         self._tasks = [
-            asyncio.create_task(_collect(self.out_r, self.out)),
-            asyncio.create_task(_collect(self.err_r, self.err)),
+            asyncio.create_task(_collect(self.out_r, self.out, budget)),
+            asyncio.create_task(_collect(self.err_r, self.err, budget)),
         ]
 
     async def finish(self, grace: float) -> None:
@@ -1074,8 +1094,10 @@ def kill_pid_from(pidfile: Path, *, group: bool = False) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-async def _collect(fd: int, into: bytearray) -> None:
-    """Read a pipe to its end, keeping the first EXEC_OUTPUT_LIMIT bytes."""
+async def _collect(fd: int, into: bytearray, budget: _Budget | None = None) -> None:
+    """Read a pipe to its end, keeping what `budget` (default: EXEC_OUTPUT_LIMIT bytes of
+    its own) allows."""
+    budget = budget or _Budget()
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     while True:
@@ -1096,9 +1118,7 @@ async def _collect(fd: int, into: bytearray) -> None:
             continue
         if not chunk:
             return
-        room = EXEC_OUTPUT_LIMIT - len(into)
-        if room > 0:
-            into.extend(chunk[:room])
+        into.extend(budget.keep(chunk))
 
 
 def _process_alive(pid: int, comm: str | None = None) -> bool:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import secrets
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
+from cripy.oci import cdi, signals
 from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
 from cripy.runtime.events import CREATED as CREATED_EVENT
@@ -213,6 +213,7 @@ class ContainerManager:
             raise FailedPreconditionError(f"pod sandbox {sandbox.id} is not ready")
         if not config.metadata.name:
             raise InvalidArgumentError("container metadata.name is empty")
+        signals.from_pb(config.stop_signal)  # a clear error for an unknown one
         image = self.images.lookup(config.image.image)
         if image is None:
             raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
@@ -281,25 +282,28 @@ class ContainerManager:
             raise NotFoundError(f"image {container.image_id} was removed during the create")
         log_path = self.log_file(container)
 
-        def write_bundle() -> dict[str, Any]:
+        def write_bundle() -> tuple[dict[str, Any], dict[str, Any]]:
             # The image config, the rootfs's passwd and group, mountinfo, /dev: all reads.
             image_config = self.images.image_config(image)
             spec = build_container_spec(
                 _effective_config(image_volume.with_volume_binds(container.config, volumes),
                                   sandbox), sandbox.config, image_config,
                 self.sandboxes.spec_context(sandbox, container.id, rootfs))
+            cdi.inject(spec, container.config, self.config.cdi.spec_dirs)
             atomic_write_json(bundle / "config.json", spec)
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            return image_config
+            return image_config, spec
 
-        image_config = await asyncio.to_thread(write_bundle)
+        image_config, spec = await asyncio.to_thread(write_bundle)
         c = container.config
         pid = await self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
             log_size_max=self.config.runtime.log_size_max, handler=sandbox.runtime_handler,
             cgroup_parent=sandbox.config.linux.cgroup_parent)
         crash_point("create-container-after-conmon")
-        return {"pid": pid, "stop_signal": _stop_signal(image_config)}
+        user = spec["process"]["user"]
+        return {"pid": pid, "stop_signal": signals.stop_signal(c, image_config),
+                "user": (user["uid"], user["gid"], *user.get("additionalGids", ()))}
 
     # --- StartContainer / StopContainer / RemoveContainer -------------------------------
 
@@ -525,17 +529,3 @@ def _effective_config(config: pb.ContainerConfig, sandbox: Sandbox) -> pb.Contai
     effective.linux.security_context.namespace_options.pid = pb.CONTAINER
     return effective
 
-
-def _stop_signal(image_config: dict[str, Any]) -> int:
-    """The image's StopSignal ("SIGQUIT", "QUIT" or "3"), SIGTERM by default."""
-    value = str((image_config.get("config") or {}).get("StopSignal") or "").upper()
-    if not value:
-        return signal.SIGTERM
-    if value.isdigit():
-        return int(value)
-    name = value if value.startswith("SIG") else f"SIG{value}"
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        log.warning("image stop signal %r is unknown: using SIGTERM", value)
-        return signal.SIGTERM

@@ -180,6 +180,8 @@ class Container:
     reason: str = ""
     message: str = ""
     pid: int = 0
+    #: The process's identity as created: uid, gid, then the supplementary groups.
+    user: tuple[int, ...] = ()
 
     kind = "container"
     record_name = "container"
@@ -218,6 +220,7 @@ class Container:
             started_at=_int(record, "started_at", 0), finished_at=_int(record, "finished_at", 0),
             exit_code=_int(record, "exit_code", 0), reason=_text(record, "reason", ""),
             message=_text(record, "message", ""), pid=_int(record, "pid", 0),
+            user=tuple(_ints(record.get("user", []))),
         )
 
 
@@ -231,6 +234,13 @@ def _text(record: Mapping[str, Any], key: str, default: str | None = None) -> st
 def _texts(values: Any) -> list[str]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise ValueError("expected a list of strings")
+    return values
+
+
+def _ints(values: Any) -> list[int]:
+    if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError("expected a list of integers")
     return values
 
 

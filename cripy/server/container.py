@@ -7,6 +7,7 @@ import time
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import DeadlineExceededError
+from cripy.oci import signals
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.store import Container
 from cripy.server.rpc import Context, rpc
@@ -21,6 +22,9 @@ def container_status(c: Container) -> pb.ContainerStatus:
         annotations=c.config.annotations, mounts=c.config.mounts, log_path=c.log_path,
         image_id=c.image_id,
         resources=pb.ContainerResources(linux=c.config.linux.resources),
+        stop_signal=c.config.stop_signal or signals.to_pb(c.stop_signal),
+        user=pb.ContainerUser(linux=pb.LinuxContainerUser(
+            uid=c.user[0], gid=c.user[1], supplemental_groups=c.user[2:])) if c.user else None,
     )
 
 

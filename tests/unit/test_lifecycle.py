@@ -32,6 +32,7 @@ from cripy.runtime.events import EventBus
 from cripy.runtime.ports import Host
 from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.store import ContainerState, PodState
+from cripy.server.container import container_status
 
 IMAGE = ImageRecord(id="sha256:" + "1" * 64, manifest_digest="sha256:" + "2" * 64,
                     layers=["sha256:" + "3" * 64], size=1, repo_tags=["busybox:latest"],
@@ -325,6 +326,34 @@ def test_pod_refusals(node: Node) -> None:
 
 
 # --- containers -------------------------------------------------------------------------
+
+
+def test_stop_signal_and_user_are_recorded_and_survive_a_restart(node: Node) -> None:
+    async def scenario(n: Node) -> None:
+        pod_id = await n.pod()
+        config = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="app"), image=pb.ImageSpec(image="busybox"),
+            command=["sleep", "9"], stop_signal=pb.SIGUSR1)
+        config.linux.security_context.run_as_user.value = 1000
+        config.linux.security_context.run_as_group.value = 2000
+        config.linux.security_context.supplemental_groups.append(3000)
+        cid = (await n.containers.create(pod_id, config, n.sandboxes.get(pod_id).config)).id
+        c = await n.containers.get(cid)
+        assert (c.stop_signal, c.user) == (signal.SIGUSR1, (1000, 2000, 2000, 3000))
+        status = container_status(c)
+        assert status.stop_signal == pb.SIGUSR1
+        assert (status.user.linux.uid, status.user.linux.gid,
+                list(status.user.linux.supplemental_groups)) == (1000, 2000, [2000, 3000])
+        n.make()  # a restart reads the record back
+        await n.sandboxes.recover()
+        await n.containers.recover()
+        assert (await n.containers.get(cid)).user == (1000, 2000, 2000, 3000)
+        config.stop_signal = 99  # type: ignore[assignment]
+        with pytest.raises(InvalidArgumentError, match="stop_signal 99"):
+            await n.containers.create(pod_id, config, n.sandboxes.get(pod_id).config)
+        await n.sandboxes.remove(pod_id)
+
+    run(node, scenario)
 
 
 def test_container_lifecycle(node: Node) -> None:
