@@ -36,7 +36,8 @@ PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
 PLUGIN_SOCKET_ENV = "NRI_PLUGIN_SOCKET"
 PLUGIN_NAME_ENV = "NRI_PLUGIN_NAME"
 PLUGIN_IDX_ENV = "NRI_PLUGIN_IDX"
-# The fd number NRI hands the socket over as (the first of exec's ExtraFiles).
+# The fd number NRI hands the socket over as (the first of exec's ExtraFiles). The Go stub
+# takes whatever number NRI_PLUGIN_SOCKET names, so another inherited fd works as well.
 PLUGIN_SOCKET_FD = 3
 
 _READ_CHUNK = 64 * 1024
@@ -357,7 +358,11 @@ def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
     except OSError:
         return None
     pid: int = struct.unpack("3i", creds)[0]
-    return pid or None
+    # A socketpair carries its creator's credentials (ours), whoever holds the other end:
+    # only accepted connections tell the peer's pid.
+    if pid == 0 or pid == os.getpid():
+        return None
+    return pid
 
 
 # --- the runtime side ----------------------------------------------------------------
@@ -520,21 +525,19 @@ def _notification_request(
 
 
 def plugin_socketpair() -> tuple[socket.socket, socket.socket]:
-    """(ours, theirs) for a pre-installed plugin: pass `theirs` to the child as fd
-    PLUGIN_SOCKET_FD with PLUGIN_SOCKET_ENV set to it, then close it here."""
+    """(ours, theirs) for a pre-installed plugin: the child inherits `theirs` (e.g. with
+    subprocess's pass_fds) and finds its number in PLUGIN_SOCKET_ENV (see
+    `plugin_environment`); the parent closes `theirs` once the child runs."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
     theirs.set_inheritable(True)
     return ours, theirs
 
 
-def plugin_environment(name: str, idx: str) -> dict[str, str]:
-    """The environment NRI gives a plugin it launches (pkg/adaptation)."""
-    return {
-        PLUGIN_NAME_ENV: name,
-        PLUGIN_IDX_ENV: idx,
-        PLUGIN_SOCKET_ENV: str(PLUGIN_SOCKET_FD),
-    }
+def plugin_environment(name: str, idx: str, fd: int = PLUGIN_SOCKET_FD) -> dict[str, str]:
+    """The environment NRI gives a plugin it launches (pkg/adaptation): its name, its
+    index and the number of its inherited socket."""
+    return {PLUGIN_NAME_ENV: name, PLUGIN_IDX_ENV: idx, PLUGIN_SOCKET_ENV: str(fd)}
 
 
 def _prepare_socket_path(path: str) -> None:
