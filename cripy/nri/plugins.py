@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,16 @@ SHUTDOWN_SECONDS = 2.0
 UNKNOWN = 2  # gRPC status code numbers, as ttrpc carries them
 INVALID_ARGUMENT = 3
 ALREADY_EXISTS = 6
+
+
+_TRAMPOLINE = """
+import os, sys
+fd, target = int(sys.argv[1]), int(sys.argv[2])
+if fd != target:
+    os.dup2(fd, target)
+    os.close(fd)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
 
 
 class PluginError(FailedPreconditionError):
@@ -299,10 +310,11 @@ class PluginRegistry:
         ours, theirs = plugin_socketpair()
         try:
             fd = theirs.fileno()
-            # The fd NRI's stub expects (3); the shell moves it there.
-            move = f'exec {PLUGIN_SOCKET_FD}<&{fd} {fd}<&-; exec "$0"'
+            # The plugin gets the socket as the fd NRI's stub expects (3): a small
+            # trampoline moves it there and execs the plugin (same process).
             launched.process = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", move, str(launched.path),
+                sys.executable, "-I", "-c", _TRAMPOLINE, str(fd), str(PLUGIN_SOCKET_FD),
+                str(launched.path),
                 pass_fds=(fd,), stdin=asyncio.subprocess.DEVNULL,
                 env=plugin_environment(launched.name, launched.index))
         except BaseException:
