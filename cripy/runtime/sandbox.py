@@ -250,6 +250,17 @@ class SandboxManager:
         await self.nri.remove_pod_sandbox(current, members, was_ready=current.state == READY)
         log.info("pod %s removed", sandbox.id[:12])
 
+    async def update_resources(self, sandbox_id: str, overhead: pb.LinuxContainerResources,
+                               resources: pb.LinuxContainerResources) -> None:
+        """UpdatePodSandboxResources: the kubelet sizes the pod's cgroup itself; the
+        runtime tells NRI plugins (as containerd does)."""
+        sandbox = self.get(sandbox_id)
+        async with self.locks.hold(sandbox.id):
+            current = self.find(sandbox.id)
+            if current is None or current.state != READY:
+                raise FailedPreconditionError(f"pod sandbox {sandbox.id} is not ready")
+            await self.nri.update_pod_sandbox(current, overhead, resources)
+
     async def _release(self, sandbox: Sandbox) -> None:
         """Give back what a running pod holds; safe to repeat and after a crash."""
         if sandbox.infra_pid is not None:

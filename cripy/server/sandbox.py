@@ -61,6 +61,14 @@ class SandboxRpcs:
         return pb.RemovePodSandboxResponse()
 
     @rpc
+    async def UpdatePodSandboxResources(
+        self, request: pb.UpdatePodSandboxResourcesRequest, context: Context
+    ) -> pb.UpdatePodSandboxResourcesResponse:
+        await self.sandboxes.update_resources(request.pod_sandbox_id, request.overhead,
+                                              request.resources)
+        return pb.UpdatePodSandboxResourcesResponse()
+
+    @rpc
     async def PodSandboxStatus(
         self, request: pb.PodSandboxStatusRequest, context: Context
     ) -> pb.PodSandboxStatusResponse:

@@ -214,6 +214,71 @@ def test_update_container_resources_is_shown_to_plugins(
     loop.run(plugin.wait_for("PostUpdateContainer"))
 
 
+def test_the_ordering_contract_as_plugins_see_it(
+        pods: Pods, loop: Loop, plugins: list[NriPlugin]) -> None:
+    """Not listed before the Run/Create hook returns; during StopPodSandbox's hook the
+    containers are stopped and the pod is still there."""
+    runtime = pods.runtime
+    seen: dict[str, Any] = {}
+
+    def listed_pods() -> list[str]:
+        return [p.metadata.name for p in
+                runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items]
+
+    def listed_containers() -> list[str]:
+        return [c.metadata.name for c in
+                runtime.ListContainers(pb.ListContainersRequest()).containers]
+
+    async def on_run(request: Any) -> nri.RunPodSandboxResponse:
+        seen["pods during RunPodSandbox"] = await asyncio.to_thread(listed_pods)
+        return nri.RunPodSandboxResponse()
+
+    async def on_create(request: Any) -> nri.CreateContainerResponse:
+        seen["containers during CreateContainer"] = await asyncio.to_thread(listed_containers)
+        return nri.CreateContainerResponse()
+
+    async def on_stop_pod(request: Any) -> nri.StopPodSandboxResponse:
+        def query() -> tuple[Any, list[Any]]:
+            status = runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(
+                pod_sandbox_id=request.pod.id)).status
+            states = [c.state for c in runtime.ListContainers(pb.ListContainersRequest(
+                filter=pb.ContainerFilter(pod_sandbox_id=request.pod.id))).containers]
+            return status, states
+        seen["during StopPodSandbox"] = await asyncio.to_thread(query)
+        return nri.StopPodSandboxResponse()
+
+    plugin = NriPlugin("contract", "50")
+    plugin.handlers.update({"RunPodSandbox": on_run, "CreateContainer": on_create,
+                            "StopPodSandbox": on_stop_pod})
+    connect(pods.node, loop, plugins, plugin)
+    pod_id = pods.run(name="contract-pod")
+    pods.create(pod_id, "contract-ctr", ["sleep", "300"])
+    runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=60)
+    assert "contract-pod" not in seen["pods during RunPodSandbox"]
+    assert "contract-ctr" not in seen["containers during CreateContainer"]
+    status, states = seen["during StopPodSandbox"]
+    assert status.id == pod_id
+    assert states == [pb.CONTAINER_EXITED]
+
+
+def test_update_pod_sandbox_resources_reaches_plugins(
+        pods: Pods, loop: Loop, plugins: list[NriPlugin]) -> None:
+    plugin = connect(pods.node, loop, plugins, NriPlugin("pod-sizer", "50"))
+    pod_id = pods.run()
+    pods.runtime.UpdatePodSandboxResources(pb.UpdatePodSandboxResourcesRequest(
+        pod_sandbox_id=pod_id, resources=pb.LinuxContainerResources(
+            memory_limit_in_bytes=256 * 1024 * 1024)))
+    (update,) = typed(loop.run(plugin.wait_for("UpdatePodSandbox")),
+                      nri.UpdatePodSandboxRequest)
+    assert update.pod.id == pod_id
+    assert update.linux_resources.memory.limit.value == 256 * 1024 * 1024
+    loop.run(plugin.wait_for("PostUpdatePodSandbox"))
+    with pytest.raises(grpc.RpcError) as info:
+        pods.runtime.UpdatePodSandboxResources(pb.UpdatePodSandboxResourcesRequest(
+            pod_sandbox_id="f" * 64))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 # --- adjustments and updates ------------------------------------------------------------
 
 
