@@ -206,8 +206,13 @@ class PluginRegistry:
 
     async def start(self) -> None:
         if self.config.allow_external_plugins:
-            self._server = await start_listener(self.config.socket_path, self,
-                                                self._on_external)
+            try:
+                self._server = await start_listener(self.config.socket_path, self,
+                                                    self._on_external)
+            except OSError as exc:
+                raise FailedPreconditionError(
+                    f"cannot serve the NRI socket {self.config.socket_path}: "
+                    f"{exc.strerror or exc}") from None
             log.info("NRI: external plugins may connect to %s", self.config.socket_path)
         for name, index, path in await asyncio.to_thread(self._scan_plugin_dir):
             launched = _Launched(name=name, index=index, path=path)
