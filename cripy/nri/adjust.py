@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import Message
+
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError
 from cripy.nri import api_pb2 as nri
@@ -32,6 +34,17 @@ _HOOK_KINDS = (("prestart", "prestart"), ("create_runtime", "createRuntime"),
                ("create_container", "createContainer"), ("start_container", "startContainer"),
                ("poststart", "poststart"), ("poststop", "poststop"))
 _RLIMIT = re.compile(r"RLIMIT_[A-Z]+")
+
+
+#: Adjustments the NRI API has that runc on this node cannot apply (refused by name).
+UNSUPPORTED_LINUX = {"io_priority": "I/O priority", "scheduler": "scheduling policy",
+                     "net_devices": "network devices", "rdt": "RDT settings",
+                     "memory_policy": "memory policy"}
+
+
+def _present(message: Message, name: str) -> bool:
+    value = getattr(message, name)
+    return message.HasField(name) if isinstance(value, Message) else len(value) > 0
 
 
 class ConflictError(FailedPreconditionError):
@@ -154,6 +167,11 @@ class CreateResult:
             getattr(c.hooks, kind).extend(hooks)
         if adj.HasField("linux"):
             self._adjust_linux(adj.linux, plugin)
+        if adj.args:
+            self.owners.claim(cid, "args", plugin)
+            del out.args[:], c.args[:]
+            out.args.extend(adj.args)
+            c.args.extend(adj.args)
         for rlimit in adj.rlimits:
             self.owners.claim(cid, "rlimit", plugin, rlimit.type)
             for rlimits in (out.rlimits, c.rlimits):
@@ -219,6 +237,23 @@ class CreateResult:
             self.owners.claim(cid, "seccomp policy", plugin)
             out.linux.seccomp_policy.CopyFrom(linux.seccomp_policy)
             c.linux.seccomp_policy.CopyFrom(linux.seccomp_policy)
+        for key, value in linux.sysctl.items():
+            self.owners.claim(cid, "sysctl", plugin, key)
+            out.linux.sysctl[key] = c.linux.sysctl[key] = value
+        for ns in linux.namespaces:
+            kind, _ = marked_for_removal(ns.type)
+            self.owners.claim(cid, "namespace", plugin, kind)
+            _drop(out.linux.namespaces, "type", ns.type)
+            out.linux.namespaces.append(ns)
+        for name, what in UNSUPPORTED_LINUX.items():
+            if _present(linux, name):
+                self.owners.claim(cid, what, plugin)
+                field_value = getattr(out.linux, name)
+                if isinstance(field_value, Message):
+                    field_value.CopyFrom(getattr(linux, name))
+                else:  # a map of messages (net_devices)
+                    for key, value in getattr(linux, name).items():
+                        field_value[key].CopyFrom(value)
 
 
 def merge_update(updates: dict[str, nri.ContainerUpdate], update: nri.ContainerUpdate,
@@ -258,8 +293,9 @@ def _drop(items: Any, attribute: str, value: str) -> None:
 
 
 def apply_adjustment(spec: dict[str, Any], adj: nri.ContainerAdjustment, *,
-                     cgroup_v2: bool, privileged: bool = False) -> None:
-    """Write a merged adjustment into an OCI spec (in place)."""
+                     cgroup_v2: bool, privileged: bool = False, resctrl: bool = False) -> None:
+    """Write a merged adjustment into an OCI spec (in place). `resctrl`: the node has
+    the resctrl filesystem RDT classes need."""
     annotations = spec.setdefault("annotations", {})
     for key, value in adj.annotations.items():
         name, removed = marked_for_removal(key)
@@ -268,6 +304,8 @@ def apply_adjustment(spec: dict[str, Any], adj: nri.ContainerAdjustment, *,
         else:
             annotations[key] = value
     process = spec.setdefault("process", {})
+    if adj.args:
+        process["args"] = list(adj.args)
     _apply_env(process, adj.env)
     _apply_mounts(spec, adj.mounts)
     hooks = spec.setdefault("hooks", {})
@@ -290,7 +328,8 @@ def apply_adjustment(spec: dict[str, Any], adj: nri.ContainerAdjustment, *,
             "NRI plugins asked for CDI devices "
             f"({', '.join(d.name for d in adj.CDI_devices)}): cripy has no CDI support")
     if adj.HasField("linux"):
-        _apply_linux(spec, adj.linux, cgroup_v2=cgroup_v2, privileged=privileged)
+        _apply_linux(spec, adj.linux, cgroup_v2=cgroup_v2, privileged=privileged,
+                     resctrl=resctrl)
 
 
 def _apply_env(process: dict[str, Any], env: Any) -> None:
@@ -337,8 +376,21 @@ def hook_to_oci(hook: nri.Hook) -> dict[str, Any]:
 
 
 def _apply_linux(spec: dict[str, Any], linux: nri.LinuxContainerAdjustment, *,
-                 cgroup_v2: bool, privileged: bool) -> None:
+                 cgroup_v2: bool, privileged: bool, resctrl: bool) -> None:
     oci = spec.setdefault("linux", {})
+    refused = [what for name, what in UNSUPPORTED_LINUX.items() if _present(linux, name)]
+    if refused:
+        raise FailedPreconditionError(
+            f"NRI plugins asked for {', '.join(refused)}: the OCI runtimes cripy runs on "
+            "this node cannot apply them")
+    if linux.sysctl:
+        oci.setdefault("sysctl", {}).update(linux.sysctl)
+    for ns in linux.namespaces:
+        kind, removed = marked_for_removal(ns.type)
+        namespaces = oci.setdefault("namespaces", [])
+        namespaces[:] = [n for n in namespaces if n.get("type") != kind]
+        if not removed:
+            namespaces.append({"type": kind, **({"path": ns.path} if ns.path else {})})
     resources = oci.setdefault("resources", {})
     devices: list[dict[str, Any]] = oci.setdefault("devices", [])
     rules: list[dict[str, Any]] = resources.setdefault("devices", [])
@@ -366,6 +418,10 @@ def _apply_linux(spec: dict[str, Any], linux: nri.LinuxContainerAdjustment, *,
     if linux.HasField("resources"):
         merge_oci_resources(resources, resources_to_oci(linux.resources, cgroup_v2=cgroup_v2))
         if linux.resources.HasField("rdt_class"):
+            if not resctrl:
+                raise FailedPreconditionError(
+                    f"NRI plugins set RDT class {linux.resources.rdt_class.value!r}: this "
+                    "node has no resctrl filesystem (/sys/fs/resctrl)")
             oci["intelRdt"] = {"closID": linux.resources.rdt_class.value}
     if linux.cgroups_path:
         oci["cgroupsPath"] = linux.cgroups_path

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ _STATES = {ContainerState.CREATING: nri.CONTAINER_CREATED,
            ContainerState.RUNNING: nri.CONTAINER_RUNNING,
            ContainerState.EXITED: nri.CONTAINER_STOPPED}
 EVICT_TIMEOUT = 0.0
+RESCTRL_INFO = "/sys/fs/resctrl/info"
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Nri:
         self._stop_told: set[str] = set()  # containers whose StopContainer went out
         self._shown: dict[str, nri.Container] = {}  # containers as created (adjusted)
         self._watcher: asyncio.Task[None] | None = None
+        self._resctrl = False
 
     # --- daemon wiring ------------------------------------------------------------------
 
@@ -84,6 +87,7 @@ class Nri:
         # Everything that exists now was made before any plugin could be told.
         self._announced = {s.id for s in sandboxes.all()} | {c.id for c in containers.all()}
         self._stop_told = {c.id for c in containers.all() if not c.live}
+        self._resctrl = await asyncio.to_thread(os.path.isdir, RESCTRL_INFO)
         self.registry = PluginRegistry(config, runtime_version, self._synchronize,
                                        self._unsolicited_updates)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_exits(events))
@@ -254,7 +258,9 @@ class Nri:
             return
         evictions: list[nri.ContainerEviction] = []
         async with self.lock:
-            result = CreateResult(container_from_spec(self.container(container), spec))
+            pristine = container_from_spec(self.container(container), spec)
+            result = CreateResult(nri.Container())
+            result.container.CopyFrom(pristine)
             self._shown[container.id] = result.container
             self._announced.add(container.id)  # a failure tells the plugins it is gone
             pod = self.pod(sandbox)
@@ -265,10 +271,31 @@ class Nri:
                 if reply is not None:
                     result.apply(reply, plugin.full_name)
                     evictions.extend(reply.evict)
+            await self._validate(registry, pod, pristine, result)
             apply_adjustment(spec, result.adjust, cgroup_v2=cgroup_v2,
-                             privileged=container.config.linux.security_context.privileged)
+                             privileged=container.config.linux.security_context.privileged,
+                             resctrl=self._resctrl)
         await self._apply_updates(list(result.updates.values()), fail=True)
         await self._evict(evictions)
+
+    async def _validate(self, registry: PluginRegistry, pod: nri.PodSandbox,
+                        pristine: nri.Container, result: CreateResult) -> None:
+        """Validating plugins (NRI v0.12) may reject the merged adjustment."""
+        validators = self._plugins(nri.VALIDATE_CONTAINER_ADJUSTMENT)
+        if not validators:
+            return
+        request = nri.ValidateContainerAdjustmentRequest(
+            pod=pod, container=pristine, adjust=result.adjust,
+            update=list(result.updates.values()),
+            plugins=[nri.PluginInstance(name=p.name, index=p.index)
+                     for p in self._plugins(nri.CREATE_CONTAINER)])
+        for plugin in validators:
+            reply = await registry.call(plugin, "ValidateContainerAdjustment", request,
+                                        nri.ValidateContainerAdjustmentResponse)
+            if reply is not None and reply.reject:
+                raise PluginError(f"NRI plugin {plugin.full_name} rejected the adjustments "
+                                  f"of container {pristine.name!r}: "
+                                  f"{reply.reason or 'no reason given'}")
 
     async def container_failed(self, container_id: str) -> None:
         """A create that failed after plugins heard of it: they hear it go."""

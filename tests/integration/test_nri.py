@@ -188,17 +188,17 @@ def test_events_reach_the_plugin_in_order_with_pod_and_container_metadata(
 
     calls = of_pod(plugin, pod_id)
     assert [name for name, _ in calls] == [
-        "RunPodSandbox", "CreateContainer", "PostCreateContainer", "StartContainer",
-        "PostStartContainer", "StopContainer", "RemoveContainer", "StopPodSandbox",
-        "RemovePodSandbox"]
+        "RunPodSandbox", "CreateContainer", "ValidateContainerAdjustment",
+        "PostCreateContainer", "StartContainer", "PostStartContainer", "StopContainer",
+        "RemoveContainer", "StopPodSandbox", "RemovePodSandbox"]
     pod = calls[0][1].pod
     assert (pod.name, pod.namespace, pod.labels["app"]) == ("nri-events", "cripy-test", "nri")
     assert pod.ips and pod.linux.cgroup_parent == pods.cgroup_parent
-    for name, request in calls[1:7]:
+    for name, request in calls[1:8]:
         assert (request.container.id, request.container.name,
                 request.container.pod_sandbox_id) == (cid, "fails", pod_id), name
     assert calls[1][1].container.args == ["sh", "-c", "exit 3"]
-    stopped = calls[5][1].container
+    stopped = calls[6][1].container
     assert (stopped.state, stopped.exit_code) == (nri.CONTAINER_STOPPED, 3)
 
 
@@ -317,6 +317,27 @@ def test_conflicting_adjustments_fail_the_create_naming_both_plugins(
     del second.responses["CreateContainer"]
     cid = pods.create(pod_id, "clash", ["sleep", "300"])  # the name is free again
     assert pods.exec(cid, "sh", "-c", "echo $SAME").stdout == b"x\n"
+
+
+def test_a_validating_plugin_can_reject_the_merged_adjustments(
+        pods: Pods, loop: Loop, plugins: list[NriPlugin]) -> None:
+    adjuster = connect(pods.node, loop, plugins, NriPlugin("adjuster", "40"))
+    adjuster.responses["CreateContainer"] = nri.CreateContainerResponse(
+        adjust=nri.ContainerAdjustment(env=[nri.KeyValue(key="FORBIDDEN", value="1")]))
+    validator = connect(pods.node, loop, plugins, NriPlugin("validator", "90"))
+
+    def validate(request: Any) -> nri.ValidateContainerAdjustmentResponse:
+        bad = any(kv.key == "FORBIDDEN" for kv in request.adjust.env)
+        return nri.ValidateContainerAdjustmentResponse(reject=bad, reason="FORBIDDEN is set")
+
+    validator.handlers["ValidateContainerAdjustment"] = validate
+    pod_id = pods.run()
+    with pytest.raises(grpc.RpcError) as info:
+        pods.create(pod_id, "checked", ["sleep", "300"])
+    assert "90-validator rejected" in str(info.value.details())
+    assert "FORBIDDEN is set" in str(info.value.details())
+    del adjuster.responses["CreateContainer"]
+    pods.create(pod_id, "checked", ["sleep", "300"])
 
 
 def test_unsolicited_updates_go_through_the_update_path(

@@ -174,3 +174,37 @@ def test_updates_go_through_cri_resources_and_back() -> None:
     assert shown.memory.limit.value == 1 << 28 and shown.cpu.shares.value == 2
     with pytest.raises(FailedPreconditionError, match="pids limit"):
         update_to_cri(current, nri.LinuxResources(pids=nri.LinuxPids(limit=5)))
+
+
+def test_args_sysctls_and_namespaces_are_applied() -> None:
+    result = CreateResult(container())
+    linux = nri.LinuxContainerAdjustment(
+        sysctl={"net.ipv4.ip_forward": "1"},
+        namespaces=[nri.LinuxNamespace(type="network", path="/var/run/netns/other")])
+    result.apply(reply(args=["sleep", "5"], linux=linux), "10-one")
+    assert list(result.container.args) == ["sleep", "5"]
+    with pytest.raises(ConflictError, match="args"):
+        result.apply(reply(args=["true"]), "20-two")
+    out = spec()
+    out["linux"]["namespaces"] = [{"type": "network", "path": "/pod/net"}, {"type": "pid"}]
+    apply_adjustment(out, result.adjust, cgroup_v2=False)
+    assert out["process"]["args"] == ["sleep", "5"]
+    assert out["linux"]["sysctl"] == {"net.ipv4.ip_forward": "1"}
+    assert out["linux"]["namespaces"] == [{"type": "pid"},
+                                          {"type": "network", "path": "/var/run/netns/other"}]
+
+
+@pytest.mark.parametrize(("linux", "message"), [
+    (nri.LinuxContainerAdjustment(io_priority=nri.LinuxIOPriority(priority=1)), "I/O priority"),
+    (nri.LinuxContainerAdjustment(scheduler=nri.LinuxScheduler(nice=5)), "scheduling policy"),
+    (nri.LinuxContainerAdjustment(net_devices={"eth9": nri.LinuxNetDevice(name="x")}),
+     "network devices"),
+    (nri.LinuxContainerAdjustment(resources=nri.LinuxResources(
+        rdt_class=nri.OptionalString(value="gold"))), "resctrl"),
+])
+def test_adjustments_runc_here_cannot_apply_are_refused_by_name(
+        linux: nri.LinuxContainerAdjustment, message: str) -> None:
+    result = CreateResult(container())
+    result.apply(reply(linux=linux), "10-one")
+    with pytest.raises(FailedPreconditionError, match=message):
+        apply_adjustment(spec(), result.adjust, cgroup_v2=True)
