@@ -178,51 +178,45 @@ class CreateResult:
                 _drop(rlimits, "type", rlimit.type)
                 rlimits.append(rlimit)
 
+    def _keyed(self, merged: Any, item: Any, attribute: str, what: str, plugin: str
+               ) -> bool:
+        """Fold one keyed entry (a mount, an env variable, a device) into the merged
+        list: claimed, or (marked for removal) given up. True if it is not a removal."""
+        raw = getattr(item, attribute)
+        key, removed = marked_for_removal(raw)
+        if removed:
+            self.owners.clear(self.container.id, what, key)
+            _drop(merged, attribute, key)
+            merged.add(**{attribute: raw})
+            return False
+        self.owners.claim(self.container.id, what, plugin, key)
+        _drop(merged, attribute, REMOVAL_MARK + key)
+        merged.append(item)
+        return True
+
     def _adjust_mounts(self, mounts: Any, plugin: str) -> None:
-        cid, c, out = self.container.id, self.container, self.adjust
         for mount in mounts:
-            dest, removed = marked_for_removal(mount.destination)
-            _drop(c.mounts, "destination", dest)
-            if removed:
-                self.owners.clear(cid, "mount", dest)
-                _drop(out.mounts, "destination", dest)
-                out.mounts.add(destination=mount.destination)
-                continue
-            self.owners.claim(cid, "mount", plugin, dest)
-            _drop(out.mounts, "destination", REMOVAL_MARK + dest)
-            out.mounts.append(mount)
-            c.mounts.append(mount)
+            _drop(self.container.mounts, "destination",
+                  marked_for_removal(mount.destination)[0])
+            if self._keyed(self.adjust.mounts, mount, "destination", "mount", plugin):
+                self.container.mounts.append(mount)
 
     def _adjust_env(self, env: Any, plugin: str) -> None:
-        cid, c, out = self.container.id, self.container, self.adjust
+        c = self.container
         for kv in env:
-            key, removed = marked_for_removal(kv.key)
+            key, _ = marked_for_removal(kv.key)
             kept = [e for e in c.env if env_key(e) != key]
             del c.env[:]
             c.env.extend(kept)
-            if removed:
-                self.owners.clear(cid, "env", key)
-                _drop(out.env, "key", key)
-                out.env.add(key=kv.key)
-                continue
-            self.owners.claim(cid, "env", plugin, key)
-            _drop(out.env, "key", REMOVAL_MARK + key)
-            out.env.append(kv)
-            c.env.append(f"{key}={kv.value}")
+            if self._keyed(self.adjust.env, kv, "key", "env", plugin):
+                c.env.append(f"{key}={kv.value}")
 
     def _adjust_linux(self, linux: nri.LinuxContainerAdjustment, plugin: str) -> None:
         cid, c, out = self.container.id, self.container, self.adjust
         for device in linux.devices:
-            path, removed = marked_for_removal(device.path)
-            _drop(c.linux.devices, "path", path)
-            if removed:
-                self.owners.clear(cid, "device", path)
-                _drop(out.linux.devices, "path", path)
-                out.linux.devices.add(path=device.path)
-                continue
-            self.owners.claim(cid, "device", plugin, path)
-            out.linux.devices.append(device)
-            c.linux.devices.append(device)
+            _drop(c.linux.devices, "path", marked_for_removal(device.path)[0])
+            if self._keyed(out.linux.devices, device, "path", "device", plugin):
+                c.linux.devices.append(device)
         if linux.HasField("resources"):
             merge_resources(out.linux.resources, linux.resources, self.owners, cid, plugin)
             merge_resources(c.linux.resources, linux.resources, Owners(), cid, plugin)
@@ -520,35 +514,29 @@ def seccomp_to_oci(policy: nri.LinuxSeccomp) -> dict[str, Any]:
 # --- container updates: NRI resources onto CRI ones ------------------------------------
 
 
+#: NRI resource fields with a CRI LinuxContainerResources counterpart (zero: unset).
+_CRI_FIELDS = (("memory", "limit", "memory_limit_in_bytes"),
+               ("memory", "swap", "memory_swap_limit_in_bytes"),
+               ("cpu", "shares", "cpu_shares"), ("cpu", "quota", "cpu_quota"),
+               ("cpu", "period", "cpu_period"))
+
+
 def update_to_cri(current: pb.LinuxContainerResources, res: nri.LinuxResources
                   ) -> pb.LinuxContainerResources:
     """The container's CRI resources with an NRI update on top (the runtime's update path
     takes CRI resources). What CRI updates cannot carry is refused with its name."""
     out = pb.LinuxContainerResources()
     out.CopyFrom(current)
-    unsupported = []
-    if res.HasField("memory"):
-        mem = res.memory
-        if mem.HasField("limit"):
-            out.memory_limit_in_bytes = mem.limit.value
-        if mem.HasField("swap"):
-            out.memory_swap_limit_in_bytes = mem.swap.value
-        unsupported += [what for name, what in _MEMORY_FIELDS[1:]
-                        if name != "swap" and mem.HasField(name)]
-    if res.HasField("cpu"):
-        cpu = res.cpu
-        if cpu.HasField("shares"):
-            out.cpu_shares = cpu.shares.value
-        if cpu.HasField("quota"):
-            out.cpu_quota = cpu.quota.value
-        if cpu.HasField("period"):
-            out.cpu_period = cpu.period.value
-        if cpu.cpus:
-            out.cpuset_cpus = cpu.cpus
-        if cpu.mems:
-            out.cpuset_mems = cpu.mems
-        unsupported += [what for name, what in _CPU_FIELDS[3:]
-                        if cpu.HasField(name)]
+    for group, name, cri_name in _CRI_FIELDS:
+        if res.HasField(group) and getattr(res, group).HasField(name):
+            setattr(out, cri_name, getattr(getattr(res, group), name).value)
+    if res.cpu.cpus:
+        out.cpuset_cpus = res.cpu.cpus
+    if res.cpu.mems:
+        out.cpuset_mems = res.cpu.mems
+    unsupported = [what for name, what in _MEMORY_FIELDS[1:]
+                   if name != "swap" and res.memory.HasField(name)]
+    unsupported += [what for name, what in _CPU_FIELDS[3:] if res.cpu.HasField(name)]
     for limit in res.hugepage_limits:
         kept = [h for h in out.hugepage_limits if h.page_size != limit.page_size]
         del out.hugepage_limits[:]
@@ -568,16 +556,10 @@ def update_to_cri(current: pb.LinuxContainerResources, res: nri.LinuxResources
 def cri_to_nri_resources(res: pb.LinuxContainerResources) -> nri.LinuxResources:
     """A container's CRI resources as NRI shows them to plugins (zero is unset)."""
     out = nri.LinuxResources()
-    if res.memory_limit_in_bytes:
-        out.memory.limit.value = res.memory_limit_in_bytes
-    if res.memory_swap_limit_in_bytes:
-        out.memory.swap.value = res.memory_swap_limit_in_bytes
-    if res.cpu_shares:
-        out.cpu.shares.value = res.cpu_shares
-    if res.cpu_quota:
-        out.cpu.quota.value = res.cpu_quota
-    if res.cpu_period:
-        out.cpu.period.value = res.cpu_period
+    for group, name, cri_name in _CRI_FIELDS:
+        value = getattr(res, cri_name)
+        if value:
+            getattr(getattr(out, group), name).value = value
     out.cpu.cpus = res.cpuset_cpus
     out.cpu.mems = res.cpuset_mems
     for limit in res.hugepage_limits:

@@ -151,6 +151,12 @@ def test_a_preinstalled_plugin_is_started_configured_and_synchronized(node: Node
     assert any(r["event"] == "Synchronize" for r in seen)
 
 
+def test_status_lists_the_active_plugins(node: Node) -> None:
+    info = node.daemon.runtime.Status(pb.StatusRequest(verbose=True)).info
+    (recorder,) = [p for p in json.loads(info["nri_plugins"]) if p["name"] == "recorder"]
+    assert (recorder["index"], recorder["preinstalled"]) == ("10", True)
+
+
 def test_a_crashed_preinstalled_plugin_is_restarted_and_resynchronized(pods: Pods) -> None:
     record = pods.node.tmp / "record.jsonl"
     pod_id = pods.run()
