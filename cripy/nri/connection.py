@@ -41,6 +41,8 @@ PLUGIN_IDX_ENV = "NRI_PLUGIN_IDX"
 PLUGIN_SOCKET_FD = 3
 
 _READ_CHUNK = 64 * 1024
+# How long close() lets queued bytes drain to a peer before it drops them.
+_CLOSE_FLUSH_TIMEOUT = 1.0
 
 M = TypeVar("M", bound=Message)
 
@@ -60,6 +62,17 @@ class NriCallError(NriError):
         super().__init__(f"{name}: {message}")
         self.code = code
         self.message = message
+
+
+class NriMessageTooLarge(NriCallError):
+    """A request (or its answer) exceeds ttrpc's maximum message size (RESOURCE_EXHAUSTED,
+    as a Go client reports it): `length` bytes against `maximum`. NRI answers this for
+    Synchronize by sending the state in smaller parts."""
+
+    def __init__(self, message: str, length: int, maximum: int = ttrpc.MAX_MESSAGE_LENGTH) -> None:
+        super().__init__(ttrpc.Code.RESOURCE_EXHAUSTED, message)
+        self.length = length
+        self.maximum = maximum
 
 
 class NriTimeout(NriError):
@@ -101,6 +114,7 @@ class MuxPeer:
         self._read_task: asyncio.Task[None] | None = None
         self._closed_event = asyncio.Event()
         self._close_callbacks: list[Callable[[MuxPeer], None]] = []
+        self._flushed: asyncio.Future[None] | None = None
         self.close_reason = ""
         self.peer_pid = _peer_pid(writer)
 
@@ -144,8 +158,15 @@ class MuxPeer:
             task.cancel()
         if others:
             await asyncio.gather(*others, return_exceptions=True)
-        with contextlib.suppress(OSError, RuntimeError):
-            await self._writer.wait_closed()
+        if self._flushed is None:
+            self._flushed = asyncio.ensure_future(self._writer.wait_closed())
+            # Retrieve its exception, if any, so that none is reported as lost.
+            self._flushed.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # asyncio.wait, unlike a timeout, does not cancel the shared close waiter.
+        done, _ = await asyncio.wait({self._flushed}, timeout=_CLOSE_FLUSH_TIMEOUT)
+        if not done:
+            # The peer does not read what is still queued for it: drop it.
+            self._writer.transport.abort()
 
     def _shutdown(self, reason: str) -> None:
         if self.closed:
@@ -185,6 +206,8 @@ class MuxPeer:
         the call's deadline)."""
         if self.closed:
             raise NriDisconnected(f"connection closed: {self.close_reason}")
+        # Nothing below awaits before the request is written: stream ids reach the wire in
+        # increasing order, which ttrpc servers require.
         sid = self._ids.next()
         data = ttrpc.encode_request(
             service, method, request.SerializeToString(), timeout_nano=int(timeout * 1e9)
@@ -193,7 +216,7 @@ class MuxPeer:
             message = ttrpc.encode_frame(sid, ttrpc.MessageType.REQUEST, data)
         except ttrpc.OversizedMessageError as exc:
             # What a Go ttrpc client reports for a request it cannot send.
-            raise NriCallError(ttrpc.Code.RESOURCE_EXHAUSTED, str(exc)) from exc
+            raise NriMessageTooLarge(f"{method}: {exc}", exc.length) from exc
         fut: asyncio.Future[ttrpc.Frame | ttrpc.OversizedFrame] = (
             asyncio.get_running_loop().create_future()
         )
@@ -206,11 +229,13 @@ class MuxPeer:
             raise NriTimeout(f"{method}: no answer within {timeout:g}s") from None
         finally:
             self._pending.pop(sid, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a disconnect may have set one nobody awaits
         if isinstance(frame, ttrpc.OversizedFrame):
-            raise NriCallError(
-                ttrpc.Code.RESOURCE_EXHAUSTED,
+            raise NriMessageTooLarge(
                 f"{method}: response of {frame.length} bytes exceeds the maximum"
                 f" of {ttrpc.MAX_MESSAGE_LENGTH}",
+                frame.length,
             )
         try:
             rsp = ttrpc.decode_response(frame.data)
@@ -261,6 +286,9 @@ class MuxPeer:
             reason = f"protocol error: {exc}"
         except (ConnectionError, OSError) as exc:
             reason = f"read failed: {exc}"
+        except Exception as exc:
+            log.exception("NRI connection %s: reading failed", self.label or "?")
+            reason = f"internal error: {exc!r}"
         except asyncio.CancelledError:
             reason = self.close_reason or "cancelled"
             self._shutdown(reason)
@@ -279,9 +307,15 @@ class MuxPeer:
         if msg.type != ttrpc.MessageType.REQUEST:
             return  # data frames belong to streaming calls, which NRI does not use
         if not ttrpc.is_client_stream(msg.stream_id):
-            raise ttrpc.TtrpcProtocolError(
-                f"request on stream {msg.stream_id}: client streams must be odd"
+            # Answered on that stream, as ttrpc servers do, so the caller learns which.
+            self._spawn(
+                self._respond_error(
+                    msg.stream_id,
+                    ttrpc.Code.INVALID_ARGUMENT,
+                    "StreamID must be odd for client initiated streams",
+                )
             )
+            return
         if isinstance(msg, ttrpc.OversizedFrame):
             self._spawn(
                 self._respond_error(
@@ -320,6 +354,7 @@ class MuxPeer:
                     response = await handler(request)
             else:
                 response = await handler(request)
+            payload = response.SerializeToString()
         except NriCallError as exc:
             await self._respond_error(stream_id, exc.code, exc.message)
             return
@@ -334,7 +369,7 @@ class MuxPeer:
             log.exception("NRI %s handler failed", req.method)
             await self._respond_error(stream_id, ttrpc.Code.UNKNOWN, str(exc))
             return
-        await self._respond(stream_id, ttrpc.encode_response(response.SerializeToString()))
+        await self._respond(stream_id, ttrpc.encode_response(payload))
 
     async def _respond_error(self, stream_id: int, code: int, message: str) -> None:
         await self._respond(stream_id, ttrpc.encode_response(code=code, message=message))

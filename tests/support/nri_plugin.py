@@ -14,7 +14,11 @@ appends one JSON line per call to FILE, and takes its behaviour from a JSON docu
     {"events": ["CreateContainer", "StopContainer"] or "all",
      "adjust": {"env": {"K": "V"}, "annotations": {"k": "v"}, "memory_limit": 67108864,
                 "mounts": [{"source": "/x", "destination": "/y", "type": "bind",
-                            "options": ["bind", "ro"]}]},
+                            "options": ["bind", "ro"]}],
+                "hooks": [{"phase": "prestart", "path": "/bin/true", "args": ["true"]}],
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                "oom_score_adj": 500, "cpu_shares": 512, "cpuset_cpus": "0"},
+     "update_self": {"UpdateContainer": {"memory_limit": 134217728, "cpu_shares": 512}},
      "errors": {"CreateContainer": "refused by the test"},
      "delays": {"StopContainer": 5.0},
      "exit_on": "CreateContainer"}
@@ -228,6 +232,23 @@ class NriPlugin:
 # --- behaviour documents (the executable's configuration) ----------------------------
 
 
+def resources_from_json(doc: dict[str, Any], res: api_pb2.LinuxResources) -> None:
+    """Fill linux resources from the behaviour keys memory_limit, cpu_shares, cpu_quota,
+    cpu_period, cpuset_cpus, cpuset_mems."""
+    if "memory_limit" in doc:
+        res.memory.limit.value = int(doc["memory_limit"])
+    if "cpu_shares" in doc:
+        res.cpu.shares.value = int(doc["cpu_shares"])
+    if "cpu_quota" in doc:
+        res.cpu.quota.value = int(doc["cpu_quota"])
+    if "cpu_period" in doc:
+        res.cpu.period.value = int(doc["cpu_period"])
+    if "cpuset_cpus" in doc:
+        res.cpu.cpus = str(doc["cpuset_cpus"])
+    if "cpuset_mems" in doc:
+        res.cpu.mems = str(doc["cpuset_mems"])
+
+
 def adjustment_from_json(doc: dict[str, Any]) -> api_pb2.ContainerAdjustment:
     adjust = api_pb2.ContainerAdjustment()
     for key, value in doc.get("env", {}).items():
@@ -241,9 +262,31 @@ def adjustment_from_json(doc: dict[str, Any]) -> api_pb2.ContainerAdjustment:
             type=m.get("type", "bind"),
             options=m.get("options", ["bind"]),
         )
-    if "memory_limit" in doc:
-        adjust.linux.resources.memory.limit.value = int(doc["memory_limit"])
+    for h in doc.get("hooks", []):
+        # {"phase": "prestart"|"create_runtime"|...|"poststop", "path": ..., "args": [...]}
+        getattr(adjust.hooks, h["phase"]).add(
+            path=h["path"], args=h.get("args", []), env=h.get("env", [])
+        )
+    for r in doc.get("rlimits", []):
+        adjust.rlimits.add(type=r["type"], hard=int(r["hard"]), soft=int(r["soft"]))
+    if "oom_score_adj" in doc:
+        adjust.linux.oom_score_adj.value = int(doc["oom_score_adj"])
+    resources = api_pb2.LinuxResources()
+    resources_from_json(doc, resources)
+    if resources.ByteSize():
+        adjust.linux.resources.CopyFrom(resources)
     return adjust
+
+
+def _self_update(doc: dict[str, Any], request: Message) -> api_pb2.ContainerUpdate:
+    """An update of the event's own container with the resources of `doc`."""
+    container = getattr(request, "container", None)
+    update = api_pb2.ContainerUpdate(
+        container_id=container.id if isinstance(container, api_pb2.Container) else "",
+        ignore_failure=bool(doc.get("ignore_failure", False)),
+    )
+    resources_from_json(doc, update.linux.resources)
+    return update
 
 
 def apply_behaviour(plugin: NriPlugin, doc: dict[str, Any]) -> None:
@@ -257,8 +300,31 @@ def apply_behaviour(plugin: NriPlugin, doc: dict[str, Any]) -> None:
         plugin.responses["CreateContainer"] = api_pb2.CreateContainerResponse(
             adjust=adjustment_from_json(doc["adjust"])
         )
+    for method, update_doc in doc.get("update_self", {}).items():
+        plugin.handlers[method] = _updating_handler(method, update_doc, plugin)
     plugin.errors.update(doc.get("errors", {}))
     plugin.delays.update({k: float(v) for k, v in doc.get("delays", {}).items()})
+
+
+def _updating_handler(method: str, doc: dict[str, Any], plugin: NriPlugin) -> CallHandler:
+    """A handler for UpdateContainer / StopContainer / CreateContainer that answers with
+    an update of the event's own container."""
+
+    def handle(request: Message) -> Message:
+        update = _self_update(doc, request)
+        if method == "CreateContainer":
+            rsp = api_pb2.CreateContainerResponse(update=[update])
+            stored = plugin.responses.get("CreateContainer")
+            if isinstance(stored, api_pb2.CreateContainerResponse):
+                rsp.adjust.CopyFrom(stored.adjust)
+            return rsp
+        if method == "StopContainer":
+            return api_pb2.StopContainerResponse(update=[update])
+        if method == "UpdateContainer":
+            return api_pb2.UpdateContainerResponse(update=[update])
+        raise ValueError(f"update_self: {method} answers with no container updates")
+
+    return handle
 
 
 def call_record(name: str, request: Message) -> dict[str, Any]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from google.protobuf import message as _message
 
 from cripy.nri import api_pb2, ttrpc_pb2
+from tests.support.protogen import stale_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 NRI_DIR = ROOT / "cripy" / "nri"
@@ -21,19 +19,7 @@ def _numbers(cls: type[_message.Message]) -> dict[str, int]:
 
 
 def test_generated_modules_are_current(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHON=sys.executable)
-    subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gen-proto"), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    stale = [
-        name
-        for name in GENERATED
-        if (tmp_path / "nri" / name).read_bytes() != (NRI_DIR / name).read_bytes()
-    ]
+    stale = stale_modules(tmp_path, NRI_DIR, GENERATED, sub="nri")
     assert not stale, f"generated modules out of date, run scripts/gen-proto: {stale}"
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from cripy.nri.connection import (
     PLUGIN_SERVICE,
     NriCallError,
     NriDisconnected,
+    NriMessageTooLarge,
     NriTimeout,
     PluginConnection,
     plugin_environment,
@@ -234,6 +236,32 @@ async def raw_call(
                 return ttrpc.decode_response(m.data)
 
 
+@contextlib.asynccontextmanager
+async def raw_plugin(
+    runtime: Runtime,
+) -> AsyncIterator[tuple[PluginConnection, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """The runtime's connection, and the bare other end of its socket."""
+    ours, theirs = plugin_socketpair()
+    conn = await PluginConnection.from_socket(ours, runtime)
+    conn.start()
+    theirs.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    try:
+        yield conn, reader, writer
+    finally:
+        writer.close()
+        await conn.close()
+
+
+def register_request(name: str, idx: str, timeout_nano: int = 0) -> bytes:
+    return ttrpc.encode_request(
+        "nri.pkg.api.v1alpha1.Runtime",
+        "RegisterPlugin",
+        api_pb2.RegisterPluginRequest(plugin_name=name, plugin_idx=idx).SerializeToString(),
+        timeout_nano=timeout_nano,
+    )
+
+
 def test_runtime_honours_the_callers_deadline() -> None:
     async def main() -> None:
         runtime = Runtime()
@@ -244,25 +272,12 @@ def test_runtime_honours_the_callers_deadline() -> None:
             await asyncio.sleep(10)
 
         runtime.register_plugin = slow_register  # type: ignore[method-assign]
-        ours, theirs = plugin_socketpair()
-        conn = await PluginConnection.from_socket(ours, runtime)
-        conn.start()
-        theirs.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=theirs)
-        try:
-            request = ttrpc.encode_request(
-                "nri.pkg.api.v1alpha1.Runtime",
-                "RegisterPlugin",
-                api_pb2.RegisterPluginRequest(plugin_name="x", plugin_idx="01").SerializeToString(),
-                timeout_nano=200_000_000,
-            )
+        async with raw_plugin(runtime) as (conn, reader, writer):
+            request = register_request("x", "01", timeout_nano=200_000_000)
             rsp = await asyncio.wait_for(raw_call(reader, writer, request), T)
             assert entered.is_set()
             assert rsp.status.code == ttrpc.Code.DEADLINE_EXCEEDED
             assert not conn.closed
-        finally:
-            writer.close()
-            await conn.close()
 
     run(main)
 
@@ -270,27 +285,13 @@ def test_runtime_honours_the_callers_deadline() -> None:
 def test_successful_answer_on_the_wire() -> None:
     async def main() -> None:
         runtime = Runtime()
-        ours, theirs = plugin_socketpair()
-        conn = await PluginConnection.from_socket(ours, runtime)
-        conn.start()
-        theirs.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=theirs)
-        try:
-            request = ttrpc.encode_request(
-                "nri.pkg.api.v1alpha1.Runtime",
-                "RegisterPlugin",
-                api_pb2.RegisterPluginRequest(
-                    plugin_name="raw", plugin_idx="05"
-                ).SerializeToString(),
-            )
+        async with raw_plugin(runtime) as (_, reader, writer):
+            request = register_request("raw", "05")
             rsp = await asyncio.wait_for(raw_call(reader, writer, request, stream_id=7), T)
             # Status present with code 0 (what Go clients require), empty Empty payload.
             assert rsp.HasField("status") and rsp.status.code == 0
             assert rsp.payload == b""
             assert runtime.registrations == [("raw", "05")]
-        finally:
-            writer.close()
-            await conn.close()
 
     run(main)
 
@@ -399,46 +400,66 @@ def test_oversized_request_is_refused_before_sending() -> None:
         plugin = NriPlugin()
         async with connected(plugin) as (conn, _):
             pods = [api_pb2.PodSandbox(id="p", annotations={"a": "x" * (5 << 20)})]
-            with pytest.raises(NriCallError) as info:
+            with pytest.raises(NriMessageTooLarge) as info:
                 await conn.synchronize(api_pb2.SynchronizeRequest(pods=pods), T)
             assert info.value.code == ttrpc.Code.RESOURCE_EXHAUSTED
+            assert info.value.length > (5 << 20)
+            assert info.value.maximum == 4 << 20
             assert not conn.closed
             await conn.synchronize(api_pb2.SynchronizeRequest(), T)
 
     run(main)
 
 
-def test_protocol_violation_closes_the_connection() -> None:
+def test_request_on_an_even_stream_is_refused_on_that_stream() -> None:
     async def main() -> None:
-        ours, theirs = plugin_socketpair()
-        conn = await PluginConnection.from_socket(ours, Runtime())
-        conn.start()
-        theirs.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=theirs)
-        # A request on an even stream id: only clients open streams, with odd ids.
-        bad = ttrpc.encode_frame(2, ttrpc.MessageType.REQUEST, b"")
-        writer.write(mux.frames_for_message(mux.RUNTIME_SERVICE_CONN, bad))
-        await writer.drain()
-        await asyncio.wait_for(conn.wait_closed(), T)
-        assert "client streams must be odd" in conn.close_reason
-        assert await reader.read() == b""  # we hung up
-        writer.close()
+        runtime = Runtime()
+        async with raw_plugin(runtime) as (conn, reader, writer):
+            # Only clients open streams, with odd ids.
+            rsp = await asyncio.wait_for(
+                raw_call(reader, writer, register_request("ev", "01"), stream_id=2), T
+            )
+            assert rsp.status.code == ttrpc.Code.INVALID_ARGUMENT
+            assert rsp.status.message == "StreamID must be odd for client initiated streams"
+            assert runtime.registrations == []
+            assert not conn.closed
+
+    run(main)
+
+
+def test_malformed_request_closes_the_connection() -> None:
+    async def main() -> None:
+        async with raw_plugin(Runtime()) as (conn, reader, writer):
+            bad = ttrpc.encode_frame(1, ttrpc.MessageType.REQUEST, b"\x0a\x05ab")
+            writer.write(mux.frames_for_message(mux.RUNTIME_SERVICE_CONN, bad))
+            await writer.drain()
+            await asyncio.wait_for(conn.wait_closed(), T)
+            assert conn.close_reason.startswith("protocol error: malformed ttrpc request")
+            assert await reader.read() == b""  # we hung up
 
     run(main)
 
 
 def test_garbage_mux_header_closes_the_connection() -> None:
     async def main() -> None:
-        ours, theirs = plugin_socketpair()
-        conn = await PluginConnection.from_socket(ours, Runtime())
-        conn.start()
-        theirs.setblocking(False)
-        _, writer = await asyncio.open_unix_connection(sock=theirs)
-        writer.write(b"GET / HTTP/1.1\r\n\r\n")
-        await writer.drain()
-        await asyncio.wait_for(conn.wait_closed(), T)
-        assert conn.close_reason.startswith("protocol error: mux frame")
-        writer.close()
+        async with raw_plugin(Runtime()) as (conn, _, writer):
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+            await writer.drain()
+            await asyncio.wait_for(conn.wait_closed(), T)
+            assert conn.close_reason.startswith("protocol error: mux frame")
+
+    run(main)
+
+
+def test_eof_in_the_middle_of_a_message_is_a_disconnect() -> None:
+    async def main() -> None:
+        async with raw_plugin(Runtime()) as (conn, _, writer):
+            frame = mux.frames_for_message(mux.RUNTIME_SERVICE_CONN, b"\0" * 20)
+            writer.write(frame[:12])
+            await writer.drain()
+            writer.close()
+            await asyncio.wait_for(conn.wait_closed(), T)
+            assert conn.close_reason == "connection closed by peer in the middle of a message"
 
     run(main)
 
@@ -615,5 +636,50 @@ def test_executable_plugin_dialing_the_socket(tmp_path: Path) -> None:
                 await proc.wait()
             server.close()
             await server.wait_closed()
+
+    run(main)
+
+
+def test_a_plugin_that_stops_reading_cannot_hang_calls_or_close() -> None:
+    async def main() -> None:
+        async with raw_plugin(Runtime()) as (conn, _, _writer):
+            # Nobody reads the other end: a large request fills the socket buffers.
+            pods = [api_pb2.PodSandbox(id="p", annotations={"a": "x" * (3 << 20)})]
+            with pytest.raises(NriTimeout):
+                await conn.synchronize(api_pb2.SynchronizeRequest(pods=pods), 0.3)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await conn.close("plugin stuck")
+            assert loop.time() - started < 3
+            assert conn.close_reason == "plugin stuck"
+
+    run(main)
+
+
+def test_random_bytes_never_break_the_runtime_side() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        leaked: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, ctx: leaked.append(ctx))
+        rng = random.Random(1234)
+        valid = mux.frames_for_message(
+            mux.RUNTIME_SERVICE_CONN,
+            ttrpc.encode_frame(1, ttrpc.MessageType.REQUEST, register_request("fz", "01")),
+        )
+        for _ in range(40):
+            blob = bytearray(valid * rng.randint(0, 2))
+            for _ in range(rng.randint(0, 8)):
+                if blob and rng.random() < 0.5:
+                    blob[rng.randrange(len(blob))] = rng.randrange(256)
+                else:
+                    blob += rng.randbytes(rng.randint(1, 40))
+            runtime = Runtime()
+            async with raw_plugin(runtime) as (conn, _, writer):
+                writer.write(bytes(blob))
+                await writer.drain()
+                writer.close()
+                await asyncio.wait_for(conn.wait_closed(), T)
+                assert conn.close_reason
+        assert leaked == []
 
     run(main)
