@@ -38,6 +38,7 @@ from cripy.nri.adjust import (
     update_to_cri,
 )
 from cripy.nri.plugins import Plugin, PluginError, PluginRegistry
+from cripy.nri.ttrpc import MAX_MESSAGE_LENGTH
 from cripy.runtime.events import STOPPED
 from cripy.runtime.store import Container, ContainerState, PodState, Sandbox
 
@@ -407,9 +408,19 @@ class Nri:
                     if s.state != PodState.CREATING or s.id in self._announced]
             containers = [self.container(c) for c in self._containers.all()
                           if c.state != ContainerState.CREATING or c.id in self._announced]
-            reply = await registry.call(
-                plugin, "Synchronize", nri.SynchronizeRequest(pods=pods, containers=containers),
-                nri.SynchronizeResponse)
+            reply: nri.SynchronizeResponse | None = None
+            try:
+                for part in sync_parts(pods, containers):
+                    reply = await registry.call(plugin, "Synchronize", part,
+                                                nri.SynchronizeResponse)
+                    if reply is None:
+                        return
+                    if part.more and not reply.more:
+                        raise PluginError(f"NRI plugin {plugin.full_name} cannot take the "
+                                          "state in parts, and it is too large for one")
+            except PluginError as exc:
+                await registry.disconnect(plugin, str(exc))
+                return
             if reply is None:
                 return
             registry.activate(plugin)
@@ -469,6 +480,29 @@ class Nri:
 
     def describe(self) -> list[dict[str, object]]:
         return [] if self.registry is None else self.registry.describe()
+
+
+#: Room left in a Synchronize part for the ttrpc envelope (the state is split, as NRI
+#: does, when one message would exceed ttrpc's limit).
+SYNC_PART_BYTES = MAX_MESSAGE_LENGTH - 64 * 1024
+
+
+def sync_parts(pods: list[nri.PodSandbox], containers: list[nri.Container]
+               ) -> list[nri.SynchronizeRequest]:
+    """The state as Synchronize requests of at most SYNC_PART_BYTES, all but the last
+    marked `more`."""
+    parts = [nri.SynchronizeRequest()]
+    size = 0
+    for field_name, items in (("pods", pods), ("containers", containers)):
+        for item in items:
+            item_size = item.ByteSize() + 8  # its tag and length
+            if size + item_size > SYNC_PART_BYTES and size:
+                parts[-1].more = True
+                parts.append(nri.SynchronizeRequest())
+                size = 0
+            getattr(parts[-1], field_name).append(item)
+            size += item_size
+    return parts
 
 
 def container_from_spec(base: nri.Container, spec: dict[str, Any]) -> nri.Container:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from cripy.config import NriConfig
-from cripy.errors import FailedPreconditionError
+from cripy.errors import CripyError, FailedPreconditionError
 from cripy.nri import api_pb2 as nri
 from cripy.nri import events as nri_events
 from cripy.nri.connection import (
@@ -297,7 +297,7 @@ class PluginRegistry:
             started = time.monotonic()
             try:
                 await self._run_launched(launched)
-            except (OSError, NriError) as exc:
+            except (OSError, NriError, CripyError) as exc:
                 log.error("NRI plugin %s-%s could not run: %s", launched.index,
                           launched.name, exc)
             if self._stopping:
@@ -384,7 +384,11 @@ class PluginRegistry:
             self._plugins[conn] = plugin
             if not await self._configure(plugin):
                 return
-            await self._on_ready(plugin)
+            try:
+                await self._on_ready(plugin)
+            except CripyError as exc:
+                await self.disconnect(plugin, f"synchronization failed: {exc}")
+                return
             if ready is not None:
                 ready.set()
             await conn.wait_closed()
@@ -402,7 +406,11 @@ class PluginRegistry:
             config=plugin.config, runtime_name="cripy", runtime_version=self.runtime_version,
             registration_timeout=int(self.config.registration_timeout * 1000),
             request_timeout=int(self.config.request_timeout * 1000), NRI_version=NRI_VERSION)
-        reply = await self.call(plugin, "Configure", request, nri.ConfigureResponse)
+        try:
+            reply = await self.call(plugin, "Configure", request, nri.ConfigureResponse)
+        except PluginError as exc:
+            await self.disconnect(plugin, str(exc))
+            return False
         if reply is None:
             return False
         try:

@@ -176,6 +176,20 @@ def test_a_crashed_preinstalled_plugin_is_restarted_and_resynchronized(pods: Pod
                what="events reach the restarted plugin")
 
 
+def test_after_a_daemon_restart_plugins_see_the_recovered_state(pods: Pods) -> None:
+    record = pods.node.tmp / "record.jsonl"
+    pod_id = pods.run()
+    cid = pods.create(pod_id, "survivor", ["sleep", "300"])
+    before = len(records(record))
+    pods.node.daemon.restart()
+    seen = records(record)[before:]
+    assert "Shutdown" in [r["event"] for r in seen]  # the old instance was told
+    # cripy serves CRI only once its pre-installed plugins are synchronized
+    sync = next(r for r in seen if r["event"] == "Synchronize")
+    assert pod_id in sync["pods"] and cid in sync["containers"]
+    assert pods.status(cid).status.state == pb.CONTAINER_RUNNING
+
+
 # --- events ----------------------------------------------------------------------------
 
 
