@@ -119,7 +119,6 @@ class _Launched:
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     task: asyncio.Task[None] | None = None
-    history: list[float] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # first start done
 
 
@@ -233,7 +232,7 @@ class PluginRegistry:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.socket_path)
+                await asyncio.to_thread(os.unlink, self.config.socket_path)
         plugins = list(self._plugins.values())
         await asyncio.gather(*(self._shutdown(p) for p in plugins), return_exceptions=True)
         for conn in [*self._pending, *self._plugins]:
@@ -327,7 +326,6 @@ class PluginRegistry:
             raise
         finally:
             theirs.close()
-        launched.history.append(time.time())
         process = launched.process
         log.info("NRI plugin %s-%s started (pid %d)", launched.index, launched.name,
                  process.pid)
