@@ -180,6 +180,27 @@ class CdiConfig:
 
 
 @dataclass
+class NriConfig:
+    """NRI: Node Resource Interface plugins (containerd/nri's ttrpc protocol)."""
+
+    enable: bool = _doc("Host NRI plugins (pre-installed ones and, if allowed, external).",
+                        default=True)
+    socket_path: str = _doc("The unix socket external plugins connect to (mode 0600).",
+                            default="/var/run/nri/nri.sock")
+    plugin_path: str = _doc("Pre-installed plugins: executables named NN-name, started by "
+                            "cripy in name order.", default="/opt/nri/plugins")
+    plugin_config_path: str = _doc("Configs of pre-installed plugins: NN-name.conf or "
+                                   "name.conf.", default="/etc/nri/conf.d")
+    registration_timeout: float = _doc("Seconds a plugin may take to register once "
+                                       "connected or started.", default=5.0)
+    request_timeout: float = _doc("Seconds a plugin may take to answer a request; one "
+                                  "that takes longer is disconnected.", default=2.0)
+    allow_external_plugins: bool = _doc("Serve socket_path for plugins started outside "
+                                        "cripy (false: pre-installed plugins only).",
+                                        default=True)
+
+
+@dataclass
 class Config:
     root: str = _doc("Persistent state: images, layers, container records.",
                      default="/var/lib/cripy")
@@ -194,6 +215,7 @@ class Config:
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     cdi: CdiConfig = field(default_factory=CdiConfig)
+    nri: NriConfig = field(default_factory=NriConfig)
     registries: dict[str, RegistryHostConfig] = _doc(
         "Per-registry settings, one table per host: [registries.\"HOST[:PORT]\"].",
         default_factory=dict,
@@ -349,7 +371,21 @@ def validate(config: Config) -> Config:
         if not directory.startswith("/"):
             raise ConfigError(f"cdi.spec_dirs: {directory!r} is not an absolute path")
     endpoint_to_path(config.listen)
+    _validate_nri(config.nri)
     return config
+
+
+def _validate_nri(nri: NriConfig) -> None:
+    for key in ("socket_path", "plugin_path", "plugin_config_path"):
+        value = getattr(nri, key)
+        if not value.startswith("/"):
+            raise ConfigError(f"nri.{key}: must be an absolute path, got {value!r}")
+    if len(nri.socket_path.encode()) > 107:
+        raise ConfigError(f"nri.socket_path: {nri.socket_path!r} is longer than a unix "
+                          "socket path may be (107 bytes)")
+    for key in ("registration_timeout", "request_timeout"):
+        if not getattr(nri, key) > 0:
+            raise ConfigError(f"nri.{key}: must be positive (seconds)")
 
 
 def _validate_runtime(runtime: RuntimeConfig) -> None:

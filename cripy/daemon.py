@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from cripy import __version__
 from cripy.api import api_pb2_grpc
 from cripy.config import Config
 from cripy.errors import CripyError, FailedPreconditionError
@@ -23,6 +24,7 @@ from cripy.image.store import ImageStore
 from cripy.logs import set_level
 from cripy.metrics import MetricsServer
 from cripy.network.cni import CNIManager
+from cripy.nri.hooks import Nri
 from cripy.oci.apparmor import prepare_host
 from cripy.oci.cgroups import make_driver, probe_host
 from cripy.oci.handlers import probe_handlers
@@ -75,6 +77,7 @@ class Daemon:
         self.containers = ContainerManager(config, oci, self.images, self.sandboxes,
                                            self.events)
         self.sandboxes.containers = self.containers
+        self.nri = self.sandboxes.nri = self.containers.nri = Nri()
         self.stats = StatsCollector(self.containers, self.sandboxes)
         self.images.layers_in_use = self.containers.layers_in_use
         self.images.image_volume_users = self.containers.image_volume_users
@@ -101,6 +104,9 @@ class Daemon:
             await self.sandboxes.recover()
             await self.containers.recover()
             await self.images.collect_garbage()
+            if self.config.nri.enable:  # after recovery: plugins are synchronized with it
+                await self.nri.start(self.config.nri, __version__, self.sandboxes,
+                                     self.containers, self.events)
             await self.streaming.start()
             server = await self._start_server()
             watcher = asyncio.create_task(self.containers.watch_exits())
@@ -131,6 +137,7 @@ class Daemon:
             if server is not None:
                 watcher.cancel()
                 await server.stop(SHUTDOWN_GRACE_SECONDS)
+            await self.nri.stop()
             await self.streaming.stop()
             if metrics is not None:
                 await metrics.stop()

@@ -26,6 +26,7 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
+from cripy.nri.hooks import Nri
 from cripy.oci import cdi, signals
 from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
@@ -68,6 +69,7 @@ class ContainerManager:
                                              root / "quarantine")
         self._run_dir = Path(config.runroot) / "containers"
         self.locks = LockTable()
+        self.nri = Nri()  # the daemon's, once it started NRI
 
     # --- lookups (snapshots, from memory) -----------------------------------------------
 
@@ -238,10 +240,12 @@ class ContainerManager:
                 built = await self._build(container, sandbox, image.layers)
             except BaseException as exc:
                 log.warning("CreateContainer %s failed, cleaning up: %s", container.name, exc)
+                await asyncio.shield(self.nri.container_failed(container.id))
                 await asyncio.shield(self._destroy(container.id))
                 raise
             container = await self.store.set(container.id, state=CREATED, **built)
         self._publish(CREATED_EVENT, container)
+        await self.nri.post_create_container(container)
         log.info("container %s (%s) created", container.id[:12], container.name)
         return container
 
@@ -282,19 +286,23 @@ class ContainerManager:
             raise NotFoundError(f"image {container.image_id} was removed during the create")
         log_path = self.log_file(container)
 
-        def write_bundle() -> tuple[dict[str, Any], dict[str, Any]]:
+        def build_spec() -> tuple[dict[str, Any], dict[str, Any], bool]:
             # The image config, the rootfs's passwd and group, mountinfo, /dev: all reads.
             image_config = self.images.image_config(image)
+            context = self.sandboxes.spec_context(sandbox, container.id, rootfs)
             spec = build_container_spec(
                 _effective_config(image_volume.with_volume_binds(container.config, volumes),
-                                  sandbox), sandbox.config, image_config,
-                self.sandboxes.spec_context(sandbox, container.id, rootfs))
+                                  sandbox), sandbox.config, image_config, context)
             cdi.inject(spec, container.config, self.config.cdi.spec_dirs)
+            return spec, image_config, context.cgroup_v2
+
+        def write_bundle() -> None:
             atomic_write_json(bundle / "config.json", spec)
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            return image_config, spec
 
-        image_config, spec = await asyncio.to_thread(write_bundle)
+        spec, image_config, cgroup_v2 = await asyncio.to_thread(build_spec)
+        await self.nri.create_container(sandbox, container, spec, cgroup_v2=cgroup_v2)
+        await asyncio.to_thread(write_bundle)
         c = container.config
         pid = await self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
@@ -319,12 +327,14 @@ class ContainerManager:
                 raise FailedPreconditionError(
                     f"pod sandbox {container.sandbox_id} of container {container.id} "
                     "is not ready")
+            await self.nri.start_container(container)
             started_at = time.time_ns()  # taken first: a quick exit must not precede it
             await self.oci.start(container.id)
             crash_point("start-container-after-start")
             container = await self.store.set(container.id, state=RUNNING,
                                              started_at=started_at)
         self._publish(STARTED, container)
+        await self.nri.post_start_container(container)
         log.info("container %s started", container.id[:12])
 
     async def stop(self, container_id: str, timeout: float) -> None:
@@ -335,6 +345,9 @@ class ContainerManager:
             return
         async with self.locks.hold(container.id):
             await self._stop_locked(container.id, timeout)
+        stopped = self.store.find(container.id)
+        if stopped is not None and not stopped.live:
+            await self.nri.stop_container(stopped)
         log.info("container %s stopped", container.id[:12])
 
     async def _stop_locked(self, container_id: str, timeout: float) -> None:
@@ -359,6 +372,7 @@ class ContainerManager:
         async with self.locks.hold(container.id):
             await self._destroy(container.id)
         self._publish(DELETED, container)
+        await self.nri.remove_container(container)
         log.info("container %s removed", container.id[:12])
 
     # For the pod's stop and remove, under the pod's lock: every container of the pod,
@@ -399,18 +413,25 @@ class ContainerManager:
     # --- other operations ---------------------------------------------------------------
 
     async def update_resources(self, container_id: str,
-                               resources: pb.LinuxContainerResources) -> None:
-        """Apply new limits; ContainerStatus reports them from then on."""
+                               resources: pb.LinuxContainerResources, *,
+                               from_nri: bool = False) -> None:
+        """Apply new limits; ContainerStatus reports them from then on. NRI plugins see
+        (and may change) the update, unless it is theirs (`from_nri`)."""
         container = await self.get(container_id)
         async with self.locks.hold(container.id):
             container = self.store.get(container.id)
             if not container.live:
                 raise FailedPreconditionError(f"container {container.id} is not running")
+            follow_ups = None
+            if not from_nri:
+                resources, follow_ups = await self.nri.update_container(container, resources)
             await self.oci.update(container.id, resources_to_oci(resources))
             config = pb.ContainerConfig()
             config.CopyFrom(container.config)
             config.linux.resources.CopyFrom(resources)
-            await self.store.set(container.id, config=config)
+            container = await self.store.set(container.id, config=config)
+        if follow_ups is not None:
+            await self.nri.after_update(container, follow_ups)
 
     async def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None
                         ) -> ExecResult:

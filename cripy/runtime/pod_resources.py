@@ -212,7 +212,8 @@ async def apply(sandboxes: SandboxManager, sandbox: Sandbox,
 async def update(sandboxes: SandboxManager, sandbox_id: str,
                  overhead: pb.LinuxContainerResources,
                  resources: pb.LinuxContainerResources) -> None:
-    """UpdatePodSandboxResources: apply, then record the pod's new overhead and resources."""
+    """UpdatePodSandboxResources: apply, then record the pod's new overhead and resources,
+    then tell NRI plugins (UpdatePodSandbox, PostUpdatePodSandbox)."""
     sandbox = sandboxes.get(sandbox_id)
     pod_limits(resources, overhead)  # bad values are refused before anything happens
     async with sandboxes.locks.hold(sandbox.id):
@@ -225,3 +226,6 @@ async def update(sandboxes: SandboxManager, sandbox_id: str,
         config.linux.overhead.CopyFrom(overhead)
         config.linux.resources.CopyFrom(resources)
         await sandboxes.store.set(current.id, config=config)
+        updated = sandboxes.find(sandbox.id)
+        if updated is not None:
+            await sandboxes.nri.update_pod_sandbox(updated, overhead, resources)

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from cripy.errors import (
 )
 from cripy.fsutil import atomic_write_json, remove_tree
 from cripy.network.cni import PortMapping
+from cripy.nri.hooks import Nri
 from cripy.oci.apparmor import AppArmorHost
 from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
 from cripy.runtime import pod_resources
@@ -66,6 +68,7 @@ class SandboxManager:
         self.locks = LockTable()
         self.containers: ContainerManager  # set by the daemon once both exist
         self.apparmor = AppArmorHost()  # the node's AppArmor, probed by the daemon at start
+        self.nri = Nri()  # the daemon's, once it started NRI
 
     # --- lookups (snapshots, from memory) -----------------------------------------------
 
@@ -110,8 +113,10 @@ class SandboxManager:
         async with self.locks.hold(sandbox.id):
             try:
                 built = await self._build(sandbox)
+                await self.nri.run_pod_sandbox(replace(self.store.get(sandbox.id), **built))
             except BaseException as exc:
                 log.warning("RunPodSandbox %s failed, cleaning up: %s", sandbox.name, exc)
+                await asyncio.shield(self.nri.pod_failed(sandbox.id))
                 await asyncio.shield(self._destroy(sandbox.id))
                 raise
             sandbox = await self.store.set(sandbox.id, state=READY, **built)
@@ -225,6 +230,8 @@ class SandboxManager:
             current = self.find(sandbox.id)
             if current is None:  # removed while we waited
                 return
+            if current.state == READY:  # plugins hear of the first stop only
+                await self.nri.stop_pod_sandbox(current, self.containers.in_sandbox(current.id))
             await self._release(current)
             if current.state == READY:
                 self._publish(STOPPED, await self.store.set(current.id, state=NOTREADY))
@@ -236,11 +243,14 @@ class SandboxManager:
         except NotFoundError:
             return
         async with self.locks.hold(sandbox.id):
+            members = self.containers.in_sandbox(sandbox.id)
             await self.containers.remove_all_in(sandbox.id)
-            if self.find(sandbox.id) is None:
+            current = self.find(sandbox.id)
+            if current is None:
                 return
             await self._destroy(sandbox.id)
         self._publish(DELETED, sandbox)
+        await self.nri.remove_pod_sandbox(current, members, was_ready=current.state == READY)
         log.info("pod %s removed", sandbox.id[:12])
 
     async def _release(self, sandbox: Sandbox) -> None:

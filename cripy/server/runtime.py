@@ -93,6 +93,7 @@ class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, Streamin
         if request.verbose:
             info["config"] = json.dumps(dataclasses.asdict(self.config))
             info["runtime_handlers"] = json.dumps(self.containers.runtime_handlers())
+            info["nri_plugins"] = json.dumps(self.containers.nri.describe())
         return pb.StatusResponse(status=status, info=info)
 
     @rpc

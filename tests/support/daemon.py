@@ -41,6 +41,10 @@ class Daemon:
             "network": {"cni_config_dir": str(self.cni_dir)},
             "streaming": {"port": 0},
             "monitoring": {"status_socket": str(self.runroot / "status.sock")},
+            # Off unless a test turns it on; never the node's own socket and plugins.
+            "nri": {"enable": False, "socket_path": str(self.runroot / "nri.sock"),
+                    "plugin_path": str(workdir / "nri-plugins"),
+                    "plugin_config_path": str(workdir / "nri-conf")},
             "registries": {host: {"insecure": True} for host in insecure_registries or []},
         }
         merge_tables(settings, tomllib.loads(extra_config))

@@ -56,6 +56,10 @@ def test_registries_load_and_render(tmp_path: Path) -> None:
         ('log_level = "loud"\n', "log_level: must be one of"),
         ('listen = "tcp://1.2.3.4:1"\n', "only unix:// endpoints"),
         ("root = \n", "config file"),
+        ('[nri]\nsocket_path = "nri.sock"\n', "nri.socket_path: must be an absolute path"),
+        ("[nri]\nrequest_timeout = 0\n", "nri.request_timeout: must be positive"),
+        ("[nri]\nenable = 1\n", "nri.enable: expected a boolean"),
+        ('[nri]\nsocket_path = "/' + "s" * 120 + '"\n', "longer than a unix socket"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -64,6 +68,14 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, text: str, messag
     with pytest.raises(ConfigError, match=message) as info:
         load(path)
     assert "\n" not in str(info.value)
+
+
+def test_nri_defaults_are_the_anchors_ones() -> None:
+    nri = load(None).nri
+    assert nri.enable and nri.allow_external_plugins
+    assert nri.socket_path == "/var/run/nri/nri.sock"
+    assert (nri.plugin_path, nri.plugin_config_path) == ("/opt/nri/plugins", "/etc/nri/conf.d")
+    assert nri.registration_timeout > 0 and nri.request_timeout > 0
 
 
 def test_integer_is_accepted_for_a_float(tmp_path: Path) -> None:
