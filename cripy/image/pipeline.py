@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cripy.crashpoints import crash_point
-from cripy.errors import CripyError
+from cripy.errors import CripyError, FailedPreconditionError
 from cripy.fsutil import remove_tree
 from cripy.image.layer import LayerResult, apply_layer_stream
 
@@ -49,7 +49,7 @@ class Feed:
         self._loop = loop
         self._limit = limit
         self._cond = threading.Condition()
-        self._chunks: deque[memoryview] = deque()
+        self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._closed = False
         self._aborted = False
@@ -66,7 +66,7 @@ class Feed:
                 if self._reader_gone is not None:
                     raise RuntimeError("layer unpacking stopped") from self._reader_gone
                 if self._buffered < self._limit:
-                    self._chunks.append(memoryview(chunk))
+                    self._chunks.append(chunk)
                     self._buffered += len(chunk)
                     self._cond.notify()
                     return
@@ -99,16 +99,15 @@ class Feed:
             if not self._chunks:
                 return b""
             head = self._chunks[0]
-            if len(head) <= size:
-                self._chunks.popleft()
-                data = head
+            if len(head) <= size:  # the usual case: whole chunks, no copy
+                data = self._chunks.popleft()
             else:
                 data, self._chunks[0] = head[:size], head[size:]
             self._buffered -= len(data)
             if self._producer_waits and self._buffered < self._limit:
                 self._producer_waits = False
                 self._loop.call_soon_threadsafe(self._space.set)
-        return bytes(data)
+        return data
 
     def reader_gone(self, error: BaseException) -> None:
         """The reading thread ended unexpectedly: make the producer stop, not wait."""
@@ -187,7 +186,11 @@ class LayerSink:
         reader = _HashingReader(self._feed)
         try:
             try:
-                (self.stage / "diff").mkdir()
+                try:
+                    (self.stage / "diff").mkdir()
+                except OSError as e:
+                    raise FailedPreconditionError(
+                        f"cannot stage {self._label}: {e.strerror}") from e
                 self._result = apply_layer_stream(
                     reader, self._media_type, self.stage / "diff", label=self._label,
                     max_bytes=self._max_bytes, allow_devices=self._allow_devices)
