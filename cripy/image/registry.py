@@ -20,8 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,6 +48,7 @@ from cripy.image.manifest import (
     parse_manifest,
     select_platform,
 )
+from cripy.image.pipeline import BytesSink
 from cripy.image.reference import Reference, is_digest
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,23 @@ CHUNK_BYTES = 256 * 1024
 TOKEN_CLIENT_ID = "cripy"
 MAX_CACHED_TOKENS = 512
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+
+
+class BlobSink(Protocol):
+    """Where a blob's bytes go as they arrive (see cripy.image.pipeline)."""
+
+    async def write(self, chunk: bytes, /) -> None: ...
+
+    async def finish(self) -> str:
+        """All bytes are written: their "sha256:..." digest."""
+        ...
+
+    async def discard(self) -> None:
+        """The download failed or was cancelled: drop what was written."""
+        ...
+
+
+S = TypeVar("S", bound=BlobSink)
 
 
 # --- credentials ---------------------------------------------------------------------
@@ -411,27 +428,28 @@ class RegistryClient:
 
     # -- blobs --
 
-    async def fetch_blob(self, resolved: Resolved, desc: Descriptor, dest: Path,
-                         progress: Callable[[int], None] | None = None) -> None:
-        """Download blob `desc` of `resolved` into `dest` (created or truncated), verified.
+    async def fetch_blob(self, resolved: Resolved, desc: Descriptor,
+                         open_sink: Callable[[], S],
+                         progress: Callable[[int], None] | None = None) -> S:
+        """Download blob `desc` of `resolved` into a sink from `open_sink()`, verified.
 
-        `progress(n)` is called with the size of every chunk written. On any failure
-        `dest` is removed. If the manifest came from a mirror and the mirror fails,
-        the later endpoints (ending with the registry) are tried.
+        Returns the sink once its bytes are complete and match the digest. `progress(n)`
+        is called with the size of every chunk. A sink whose download fails is
+        discarded. If the manifest came from a mirror and the mirror fails, the later
+        endpoints (ending with the registry) are tried, each with a new sink.
         """
         session = resolved._session
         if session is None:
             raise ValueError("Resolved was not produced by RegistryClient.resolve")
         check_digest(desc.digest, f"blob of image {resolved.reference}")
+        ref = resolved.reference
         if not session.endpoint.mirror:
-            await self._fetch_blob_at(session, resolved.reference, desc, dest, progress)
-            return
+            return await self._fetch_blob_at(session, ref, desc, open_sink, progress)
         endpoints = registry_endpoints(resolved.reference.domain, self._config)
         later = endpoints[endpoints.index(session.endpoint) + 1:] \
             if session.endpoint in endpoints else endpoints[-1:]
         try:
-            await self._fetch_blob_at(session, resolved.reference, desc, dest, progress)
-            return
+            return await self._fetch_blob_at(session, ref, desc, open_sink, progress)
         except CripyError as exc:
             if not later:
                 raise
@@ -440,56 +458,60 @@ class RegistryClient:
         for endpoint in later:
             fallback = _Session(self, endpoint, session.path, session.creds)
             try:
-                await self._fetch_blob_at(fallback, resolved.reference, desc, dest, progress)
-                return
+                return await self._fetch_blob_at(fallback, ref, desc, open_sink, progress)
             except CripyError as exc:
                 if not endpoint.mirror:
                     raise
                 log.warning("mirror %s failed for blob %s of %s: %s", endpoint.host,
                             desc.digest, resolved.reference, exc)
+        raise AssertionError("the registry itself is always the last endpoint")
+
+    async def fetch_blob_bytes(self, resolved: Resolved, desc: Descriptor,
+                               progress: Callable[[int], None] | None = None) -> bytes:
+        """A small blob (an image config) as verified bytes."""
+        return (await self.fetch_blob(resolved, desc, BytesSink, progress)).data
 
     async def _fetch_blob_at(self, session: _Session, ref: Reference, desc: Descriptor,
-                             dest: Path, progress: Callable[[int], None] | None) -> None:
+                             open_sink: Callable[[], S],
+                             progress: Callable[[int], None] | None) -> S:
         host = session.endpoint.host
         what = f"blob {desc.digest} of image {ref}"
-        hasher = hashlib.sha256()
         received = 0
+        sink = open_sink()
         try:
-            with open(dest, "wb") as out:
-                headers = {"Accept-Encoding": "identity"}
-                async with session.get(f"/v2/{session.path}/blobs/{desc.digest}",
-                                       headers) as resp:
-                    if resp.status_code == 404:
-                        raise NotFoundError(f"{what} not found in {host}")
-                    if resp.status_code != 200:
-                        raise await self._status_error(resp, host, what)
-                    length = _content_length(resp)
-                    if length is not None and length != desc.size:
-                        raise IntegrityError(f"{what}: registry {host} announces {length} "
-                                             f"bytes, the manifest says {desc.size}")
-                    with _mapped_errors(host, self._timeout):
-                        # Raw bytes: the digest covers the blob exactly as stored.
-                        async for chunk in _raw_body(resp, CHUNK_BYTES):
-                            received += len(chunk)
-                            if received > desc.size:
-                                raise IntegrityError(
-                                    f"{what}: registry {host} sent more than the "
-                                    f"{desc.size} bytes the manifest says")
-                            hasher.update(chunk)
-                            out.write(chunk)
-                            if progress is not None:
-                                progress(len(chunk))
+            headers = {"Accept-Encoding": "identity"}
+            async with session.get(f"/v2/{session.path}/blobs/{desc.digest}",
+                                   headers) as resp:
+                if resp.status_code == 404:
+                    raise NotFoundError(f"{what} not found in {host}")
+                if resp.status_code != 200:
+                    raise await self._status_error(resp, host, what)
+                length = _content_length(resp)
+                if length is not None and length != desc.size:
+                    raise IntegrityError(f"{what}: registry {host} announces {length} "
+                                         f"bytes, the manifest says {desc.size}")
+                with _mapped_errors(host, self._timeout):
+                    # Raw bytes: the digest covers the blob exactly as stored.
+                    async for chunk in _raw_body(resp, CHUNK_BYTES):
+                        received += len(chunk)
+                        if received > desc.size:
+                            raise IntegrityError(
+                                f"{what}: registry {host} sent more than the "
+                                f"{desc.size} bytes the manifest says")
+                        await sink.write(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
             if received < desc.size:
                 raise IntegrityError(f"{what}: truncated, got {received} of {desc.size} bytes "
                                      f"from {host}")
-            actual = "sha256:" + hasher.hexdigest()
+            actual = await sink.finish()
             if actual != desc.digest:
                 raise IntegrityError(f"{what}: digest mismatch from {host}: expected "
                                      f"{desc.digest}, got {actual}")
         except BaseException:
-            with suppress(OSError):
-                dest.unlink(missing_ok=True)
+            await sink.discard()
             raise
+        return sink
 
     # -- HTTP plumbing --
 

@@ -1,7 +1,7 @@
 """Images as the runtime sees them: pull, look up, list, remove, measure.
 
 This owns the pull pipeline (registry -> verified blobs -> unpacked layers -> image
-record) on top of `ImageStore`, `RegistryClient` and `apply_layer`. The gRPC layer only
+record) on top of `ImageStore`, `RegistryClient` and `LayerSink`. The gRPC layer only
 translates requests into these calls.
 """
 
@@ -14,6 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,9 +23,9 @@ from cripy.config import Config
 from cripy.crashpoints import crash_point
 from cripy.errors import FailedPreconditionError, IntegrityError, InvalidArgumentError
 from cripy.fsutil import remove_tree
-from cripy.image.layer import apply_layer
 from cripy.image.manifest import Descriptor
 from cripy.image.pinning import PinnedImages
+from cripy.image.pipeline import LayerSink, to_completion
 from cripy.image.reference import Reference, parse_reference
 from cripy.image.registry import Credentials, RegistryClient, Resolved
 from cripy.image.store import ImageRecord, ImageStore, LayerRecord, digest_hex
@@ -58,6 +59,9 @@ class ImageManager:
         # Layers that pulls in progress need: garbage collection must leave them.
         self._in_flight: Counter[str] = Counter()
         self._download_slots = asyncio.Semaphore(config.image.pull_concurrency)
+        # One thread per layer being unpacked: they live as long as the download.
+        self._unpackers = ThreadPoolExecutor(config.image.pull_concurrency,
+                                             thread_name_prefix="unpack")
         # Layers containers are built on; set by the daemon once containers exist.
         self.layers_in_use: Callable[[], frozenset[str]] = frozenset
         self.pinned = PinnedImages(config.image.pinned_images)
@@ -69,6 +73,7 @@ class ImageManager:
 
     async def close(self) -> None:
         await self.client.aclose()
+        self._unpackers.shutdown(wait=False)
 
     # --- pull ---------------------------------------------------------------------------
 
@@ -76,7 +81,7 @@ class ImageManager:
         ref = parse_reference(reference)
         started = time.monotonic()
         resolved = await self.client.resolve(ref, creds)
-        config_bytes = await self._fetch_small_blob(resolved, resolved.manifest.config)
+        config_bytes = await self.client.fetch_blob_bytes(resolved, resolved.manifest.config)
         diff_ids = _diff_ids(config_bytes, len(resolved.manifest.layers), ref)
         to_fetch = sum(desc.size for desc, diff_id in zip(resolved.manifest.layers, diff_ids,
                                                           strict=True)
@@ -126,6 +131,7 @@ class ImageManager:
             self.store.write_blob(resolved.manifest_digest, resolved.manifest_bytes)
             if resolved.index_bytes is not None:
                 self.store.write_blob(resolved.repo_digest, resolved.index_bytes)
+            crash_point("pull-before-image")
             return self.store.put_image(record)
 
         async with self._gc_lock:
@@ -137,14 +143,6 @@ class ImageManager:
         async with self._gc_lock:
             await asyncio.to_thread(self.store.collect_garbage, keep)
 
-    async def _fetch_small_blob(self, resolved: Resolved, desc: Descriptor) -> bytes:
-        stage = self.store.staging_dir()  # one mkdir: no thread, so no window to leak it
-        try:
-            await self.client.fetch_blob(resolved, desc, stage / "blob")
-            return await asyncio.to_thread((stage / "blob").read_bytes)
-        finally:
-            await asyncio.to_thread(remove_tree, stage)
-
     async def _ensure_layer(self, resolved: Resolved, desc: Descriptor, diff_id: str) -> int:
         """Download and unpack one layer unless it is already stored; its unpacked size."""
         lock = self._layer_locks.setdefault(diff_id, asyncio.Lock())
@@ -154,25 +152,23 @@ class ImageManager:
         return self.store.layer_record(diff_id).size
 
     async def _unpack_layer(self, resolved: Resolved, desc: Descriptor, diff_id: str) -> None:
-        stage = self.store.staging_dir()  # one mkdir: no thread, so no window to leak it
+        """Download the layer while unpacking it (cripy.image.pipeline), verify, commit."""
+        def open_sink() -> LayerSink:
+            # One mkdir: no thread, so no window to leak it.
+            return LayerSink(self.store.staging_dir(), desc.media_type,
+                             label=f"layer {desc.digest}", size=desc.size,
+                             max_bytes=self.config.image.max_layer_bytes,
+                             allow_devices=self.config.image.allow_device_nodes,
+                             executor=self._unpackers)
+
+        sink = await self.client.fetch_blob(resolved, desc, open_sink)  # digest verified
         try:
-            blob = stage / "blob"
-            await self.client.fetch_blob(resolved, desc, blob)
-            (stage / "diff").mkdir()
-            result = await in_thread_to_completion(
-                apply_layer,
-                blob,
-                desc.media_type,
-                stage / "diff",
-                max_bytes=self.config.image.max_layer_bytes,
-                allow_devices=self.config.image.allow_device_nodes,
-            )
+            result = sink.result()
             if result.diff_id != diff_id:
                 raise IntegrityError(
                     f"layer {desc.digest} unpacks to {result.diff_id}, "
                     f"but the image config says {diff_id}"
                 )
-            await asyncio.to_thread(blob.unlink)
             record = LayerRecord(
                 diff_id=diff_id,
                 blob_digest=desc.digest,
@@ -180,10 +176,10 @@ class ImageManager:
                 size=result.size,
                 inodes=result.inodes,
             )
-            await in_thread_to_completion(self.store.commit_layer, stage, record)
+            await in_thread_to_completion(self.store.commit_layer, sink.stage, record)
             crash_point("pull-after-layer")
         finally:
-            await in_thread_to_completion(remove_tree, stage)
+            await in_thread_to_completion(remove_tree, sink.stage)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -301,10 +297,5 @@ async def in_thread_to_completion(func: Callable[..., T], *args: Any, **kwargs: 
     A thread cannot be stopped, and cleanup that races a thread still writing would
     leave half a layer behind.
     """
-    work = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        await asyncio.wait([work])
-        raise
+    return await to_completion(asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs)))
 

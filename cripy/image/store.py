@@ -26,6 +26,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cripy.crashpoints import crash_point
 from cripy.fsutil import atomic_write, atomic_write_json, disk_usage, fsync_dir, remove_tree
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class ImageStore:
         A layer that another pull committed first wins; the staged copy is dropped.
         """
         atomic_write_json(staged / "layer.json", asdict(record))
+        crash_point("pull-layer-staged")
         try:
             os.rename(staged, self.layer_dir(record.diff_id))
         except OSError:

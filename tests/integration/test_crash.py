@@ -137,12 +137,17 @@ def test_exits_while_the_daemon_is_down_are_reported(tmp_path: Path, registry: R
         assert Path(f"/proc/{pid}").exists()
 
 
-def test_crash_during_pull_image(tmp_path: Path, registry: Registry, images: Any) -> None:
+@pytest.mark.parametrize("point", ["pull-mid-layer", "pull-layer-staged", "pull-after-layer",
+                                   "pull-before-image"])
+def test_crash_during_pull_image(tmp_path: Path, registry: Registry, images: Any,
+                                 point: str) -> None:
     with crashable_node(tmp_path, registry, images) as pods:
         daemon = pods.node.daemon
         ref = images.multilayer.ref
-        crash_during(pods, "pull-after-layer", daemon.pull, ref)
+        crash_during(pods, point, daemon.pull, ref)
         ids = {i.id for i in daemon.images.ListImages(pb.ListImagesRequest()).images}
         assert images.multilayer.config_digest not in ids
         assert list((daemon.root / "image" / "tmp").iterdir()) == []
+        for layer in (daemon.root / "image" / "layers").iterdir():  # none half-made
+            assert (layer / "layer.json").is_file() and (layer / "diff").is_dir(), layer
         assert daemon.pull(ref) == images.multilayer.config_digest

@@ -3,6 +3,7 @@ digests, and a registry that never answers. Each is refused cleanly, nothing is 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -84,13 +85,21 @@ class FakeRegistry(ThreadingHTTPServer):
     def __init__(self, behaviour: str) -> None:
         super().__init__(("127.0.0.1", 0), FakeRegistryHandler)
         self.behaviour = behaviour
+        # "wrong-diff-id": one sound layer, but the config names another diff ID for it.
+        self.layer_blob = gzip.compress(tar_of_one_file()) if behaviour == "wrong-diff-id" \
+            else b""
+        diff_ids = [digest(b"something else")] if self.layer_blob else []
+        layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                   "digest": digest(self.layer_blob), "size": len(self.layer_blob)}] \
+            if self.layer_blob else []
         self.config_blob = json.dumps({"architecture": "amd64", "os": "linux",
-                                       "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+                                       "rootfs": {"type": "layers",
+                                                  "diff_ids": diff_ids}}).encode()
         self.manifest = json.dumps({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                        "digest": digest(self.config_blob), "size": len(self.config_blob)},
-            "layers": [],
+            "layers": layers,
         }).encode()
         self.requests = 0
 
@@ -127,6 +136,9 @@ class FakeRegistryHandler(BaseHTTPRequestHandler):
             self.wfile.write(self.server.config_blob[:10])
             self.wfile.flush()
             self.close_connection = True
+        elif "/blobs/" in self.path and self.server.layer_blob and \
+                self.path.endswith(digest(self.server.layer_blob)):
+            self.reply(200, self.server.layer_blob, "application/octet-stream")
         elif "/blobs/" in self.path:
             self.reply(200, self.server.config_blob, "application/octet-stream")
         else:
@@ -139,6 +151,15 @@ class FakeRegistryHandler(BaseHTTPRequestHandler):
         self.send_header("Docker-Content-Digest", digest(body))
         self.end_headers()
         self.wfile.write(body)
+
+
+def tar_of_one_file() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("file")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"data\n"))
+    return buf.getvalue()
 
 
 @contextmanager
@@ -157,6 +178,7 @@ def fake_registry(behaviour: str) -> Iterator[FakeRegistry]:
     ("redirect-loop", grpc.StatusCode.UNAVAILABLE, "redirect"),
     ("truncated", grpc.StatusCode.UNAVAILABLE, "received 10 bytes"),
     ("wrong-digest", grpc.StatusCode.DATA_LOSS, "sha256:"),
+    ("wrong-diff-id", grpc.StatusCode.DATA_LOSS, "but the image config says"),
 ])
 def test_a_misbehaving_registry_is_refused(tmp_path: Path, behaviour: str,
                                            code: grpc.StatusCode, needle: str) -> None:

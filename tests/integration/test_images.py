@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import subprocess
 import tarfile
 import time
@@ -138,6 +139,32 @@ def test_whiteouts_and_opaque_dirs_hide_lower_content(
         assert (rootfs / "bin" / "busybox").stat().st_size > 1_000_000
     finally:
         subprocess.run(["umount", str(rootfs)], check=True)
+
+
+def test_a_many_layer_pull_streams_every_layer_intact(
+    daemon: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    # Layers larger than the 8 MiB feed between download and unpack, several at once,
+    # compressible and not, and a top layer whiting out a file of one below.
+    blobs = {f"big/{i}.bin": random.Random(i).randbytes(9 * 1024 * 1024) for i in range(4)}
+    text = "".join(f"line {i} of a compressible file\n" for i in range(400_000)).encode()
+    layers = [Layer(busybox_rootfs_layer())]
+    layers += [Layer(files_layer({name: data}), "gzip", level=1) for name, data in blobs.items()]
+    layers.append(Layer(files_layer({"text/log.txt": text}), "gzip", level=9))
+    layers.append(Layer(files_layer({"big/new.txt": b"new\n"}, whiteouts=["big/0.bin"])))
+    pushed = push_image(registry, "streamed", "v1", ImageSpec(layers, ImageConfig()))
+    image_id = daemon.pull(pushed.ref)
+    rootfs = tmp_path / "rootfs"
+    overlay_view(daemon, image_id, rootfs)
+    try:
+        assert not (rootfs / "big" / "0.bin").exists()
+        for name in ("big/1.bin", "big/2.bin", "big/3.bin"):
+            assert (rootfs / name).read_bytes() == blobs[name], name
+        assert (rootfs / "text" / "log.txt").read_bytes() == text
+        assert (rootfs / "big" / "new.txt").read_bytes() == b"new\n"
+    finally:
+        subprocess.run(["umount", str(rootfs)], check=True)
+    assert list((daemon.root / "image" / "tmp").iterdir()) == []
 
 
 def test_an_index_resolves_to_the_host_platform(
@@ -322,6 +349,8 @@ def test_corrupt_blob_is_refused_and_nothing_stored(
     err = rpc_error(daemon.pull, pushed.ref)
     assert err.code() == grpc.StatusCode.DATA_LOSS, err.details()
     assert pushed.layer_digests[-1] in (err.details() or "")
+    if damage == "flip":
+        assert "digest mismatch" in (err.details() or "")
     assert pushed.config_digest not in listed(daemon)
     assert_nothing_half_stored(daemon, before)
     path.write_bytes(data)  # repaired: the next pull succeeds

@@ -23,8 +23,10 @@ START_TIMEOUT = 30.0
 
 class Daemon:
     def __init__(self, workdir: Path, insecure_registries: list[str] | None = None,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", python: str = "") -> None:
+        """`python` runs another cripy: that interpreter's installed one (benchmarks)."""
         self.workdir = workdir
+        self.python = python
         self.root = workdir / "root"
         self.runroot = workdir / "run"
         self.socket = self.runroot / "cripy.sock"
@@ -60,8 +62,11 @@ class Daemon:
         log = self.log_path.open("ab")
         env = {**os.environ, **(env or {}), "CRIPY_CRASH_AT": crash_at}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cripy", "daemon", "--config", str(self.config_path)],
+            [self.python or sys.executable, "-m", "cripy", "daemon", "--config",
+             str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
+            # Away from this checkout, so `-m cripy` finds that interpreter's cripy.
+            cwd=self.workdir if self.python else None,
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT

@@ -319,7 +319,9 @@ class Registry:
         token_ttl_seconds: int = 300,
         start_timeout: float = 20.0,
         base_dir: str | Path | None = None,
+        port: int = 0,
     ) -> None:
+        """`port` 0 picks a free one."""
         if htpasswd is not None and token is not None:
             raise ValueError("choose one of htpasswd= and token=")
         self.credentials: tuple[str, str] | None = htpasswd or token
@@ -327,6 +329,7 @@ class Registry:
         self._token_ttl = token_ttl_seconds
         self._start_timeout = start_timeout
         self._base_dir = str(base_dir) if base_dir is not None else None
+        self._want_port = port
         self.port = 0
         self.host = ""
         self.url = ""
@@ -414,7 +417,7 @@ class Registry:
             self.token_server.start()
         last_error = ""
         for _attempt in range(3):
-            self.port = free_port()
+            self.port = self._want_port or free_port()
             self.host = f"127.0.0.1:{self.port}"
             self.url = f"http://{self.host}"
             config = self.dir / "config.yml"

@@ -22,6 +22,7 @@ from cripy.errors import (
 )
 from cripy.image import manifest as m
 from cripy.image.manifest import Descriptor, Platform
+from cripy.image.pipeline import BytesSink
 from cripy.image.reference import parse_reference
 from cripy.image.registry import (
     Challenge,
@@ -257,12 +258,11 @@ def test_resolve_index_with_bearer_and_fetch_blobs(tmp_path: Path) -> None:
             assert resolved.index_bytes == INDEX
             assert resolved.endpoint_host == "reg.example"
             seen: list[int] = []
-            dest = tmp_path / "layer"
-            await client.fetch_blob(resolved, resolved.manifest.layers[0], dest, seen.append)
-            assert dest.read_bytes() == LAYER
+            layer = await client.fetch_blob_bytes(resolved, resolved.manifest.layers[0],
+                                                  seen.append)
+            assert layer == LAYER
             assert sum(seen) == len(LAYER)
-            await client.fetch_blob(resolved, resolved.manifest.config, tmp_path / "config")
-            assert (tmp_path / "config").read_bytes() == CONFIG
+            assert await client.fetch_blob_bytes(resolved, resolved.manifest.config) == CONFIG
             # A second resolve reuses the cached token.
             await client.resolve(parse_reference("reg.example/x"), creds, AMD64)
             assert len(registry.token_requests) == 1
@@ -411,21 +411,33 @@ async def _chunks(data: bytes) -> AsyncIterator[bytes]:
     (lambda r: httpx.Response(429), UnavailableError, "rate-limiting"),
 ], ids=["too-long", "truncated", "content-length", "digest", "loop", "hops", "404", "500",
         "429"])
-def test_blob_failures_remove_dest(tmp_path: Path, blob: Handler, error: type[Exception],
-                                   message: str) -> None:
+def test_blob_failures_discard_the_sink(tmp_path: Path, blob: Handler,
+                                        error: type[Exception], message: str) -> None:
     client, desc = blob_client(tmp_path, blob)
-    dest = tmp_path / "blob"
+    sinks: list[RecordingSink] = []
+
+    def open_sink() -> RecordingSink:
+        sinks.append(RecordingSink())
+        return sinks[-1]
 
     async def go() -> None:
         try:
             resolved = await client.resolve(parse_reference("reg.example/x"), None)
             with pytest.raises(error, match=message):
-                await client.fetch_blob(resolved, desc, dest)
+                await client.fetch_blob(resolved, desc, open_sink)
         finally:
             await client.aclose()
 
     run(go())
-    assert not dest.exists()
+    assert [s.discarded for s in sinks] == [True]
+
+
+class RecordingSink(BytesSink):
+    discarded = False
+
+    async def discard(self) -> None:
+        self.discarded = True
+        await super().discard()
 
 
 @pytest.mark.parametrize(("exc", "error", "message"), [
