@@ -108,6 +108,9 @@ class RuntimeConfig:
         "Largest a container log file may grow (bytes) before it is rotated; -1: no limit.",
         default=-1,
     )
+    enable_criu_support: bool = _doc(
+        "CheckpointContainer and restores from checkpoint archives, with CRIU; used only "
+        "where criu is installed and `criu check` passes (probed at start).", default=True)
     handlers: dict[str, RuntimeHandlerConfig] = _doc(
         "The runtime handlers, one table each: [runtime.handlers.NAME]. Tables given in a "
         "file are added to (or replace) the built-in runc and crun ones.",

@@ -25,6 +25,7 @@ from cripy.metrics import MetricsServer
 from cripy.network.cni import CNIManager
 from cripy.oci.apparmor import prepare_host
 from cripy.oci.cgroups import make_driver, probe_host
+from cripy.oci.checkpoint import probe_criu
 from cripy.oci.handlers import probe_handlers
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
@@ -73,7 +74,8 @@ class Daemon:
         self.oci = oci
         self.sandboxes = SandboxManager(config, oci, cni, self.events)
         self.containers = ContainerManager(config, oci, self.images, self.sandboxes,
-                                           self.events)
+                                           self.events,
+                                           criu=probe_criu(config.runtime.enable_criu_support))
         self.sandboxes.containers = self.containers
         self.stats = StatsCollector(self.containers, self.sandboxes)
         self.images.layers_in_use = self.containers.layers_in_use

@@ -27,8 +27,11 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
+from cripy.image.store import ImageRecord
+from cripy.oci.checkpoint import CheckpointArchive, CriuSupport
 from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
+from cripy.runtime.checkpoint import Checkpoints
 from cripy.runtime.events import CREATED as CREATED_EVENT
 from cripy.runtime.events import DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
@@ -55,7 +58,7 @@ class ContainerManager:
 
     def __init__(self, config: Config, oci: OciDriver, images: Images,
                  sandboxes: SandboxManager, events: EventBus | None = None,
-                 host: Host = HOST) -> None:
+                 host: Host = HOST, criu: CriuSupport | None = None) -> None:
         self.config = config
         self.events = events or EventBus()
         self.oci = oci
@@ -67,6 +70,7 @@ class ContainerManager:
                                              root / "quarantine")
         self._run_dir = Path(config.runroot) / "containers"
         self.locks = LockTable()
+        self.checkpoints = Checkpoints(self, criu)
 
     # --- lookups (snapshots, from memory) -----------------------------------------------
 
@@ -203,11 +207,22 @@ class ContainerManager:
             raise FailedPreconditionError(f"pod sandbox {sandbox.id} is not ready")
         if not config.metadata.name:
             raise InvalidArgumentError("container metadata.name is empty")
-        image = self.images.lookup(config.image.image)
-        if image is None:
-            raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
         log_path = (str(validate_log_path(sandbox.config.log_directory, config.log_path))
                     if config.log_path else "")
+        # An image that is a checkpoint archive restores that container (at its start).
+        restore = await self.checkpoints.open_archive(config.image.image)
+        try:
+            image = (self.checkpoints.base_image(restore) if restore is not None
+                     else self.images.lookup(config.image.image))
+            if image is None:
+                raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
+            return await self._create(sandbox, config, image, log_path, restore)
+        finally:
+            if restore is not None and await asyncio.to_thread(restore.directory.exists):
+                await self.checkpoints.discard(restore)  # not adopted: the create failed
+
+    async def _create(self, sandbox: Sandbox, config: pb.ContainerConfig, image: ImageRecord,
+                      log_path: str, restore: CheckpointArchive | None) -> Container:
         async with contextlib.AsyncExitStack() as held:
             # Registered under the pod's lock: a stop or remove of the pod either comes
             # first (and this is refused) or finds the container and waits for its lock.
@@ -223,7 +238,7 @@ class ContainerManager:
                 ))
                 await held.enter_async_context(self.locks.hold(container.id))
             try:
-                built = await self._build(container, sandbox, image.layers)
+                built = await self._build(container, sandbox, image.layers, restore)
             except BaseException as exc:
                 log.warning("CreateContainer %s failed, cleaning up: %s", container.name, exc)
                 await asyncio.shield(self._destroy(container.id))
@@ -233,8 +248,8 @@ class ContainerManager:
         log.info("container %s (%s) created", container.id[:12], container.name)
         return container
 
-    async def _build(self, container: Container, sandbox: Sandbox, layers: list[str]
-                     ) -> dict[str, Any]:
+    async def _build(self, container: Container, sandbox: Sandbox, layers: list[str],
+                     restore: CheckpointArchive | None = None) -> dict[str, Any]:
         """Make the rootfs, the bundle and the runc container; returns the record's new
         fields."""
         store = self.images.store
@@ -244,9 +259,13 @@ class ContainerManager:
         # The layers are noted before the mount so image GC never removes them under us.
         await asyncio.to_thread(atomic_write_json, record_dir / "layers.json", layers)
         lowers = [f"{store.layer_dir(d).name}/diff" for d in reversed(layers)]
+        if restore is not None:  # the checkpoint's writable layer, before the mount
+            restore = await self.checkpoints.adopt(restore, container.id)
         await self.host.mount_overlay(store.layers, lowers, record_dir / "upper",
                                       record_dir / "work", rootfs)
         crash_point("create-container-after-mount")
+        if restore is not None:
+            await self.checkpoints.finish_rootfs(restore, rootfs)
         image = store.get(container.image_id)
         if image is None:
             raise NotFoundError(f"image {container.image_id} was removed during the create")
@@ -258,11 +277,15 @@ class ContainerManager:
             spec = build_container_spec(
                 _effective_config(container.config, sandbox), sandbox.config, image_config,
                 self.sandboxes.spec_context(sandbox, container.id, rootfs))
+            if restore is not None:
+                spec = self.checkpoints.restore_spec(spec, restore, container.config.image.image)
             atomic_write_json(bundle / "config.json", spec)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             return image_config
 
         image_config = await asyncio.to_thread(write_bundle)
+        if restore is not None:  # CRIU makes the process at StartContainer
+            return {"pid": 0, "stop_signal": _stop_signal(image_config)}
         c = container.config
         pid = await self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
@@ -286,10 +309,14 @@ class ContainerManager:
                     f"pod sandbox {container.sandbox_id} of container {container.id} "
                     "is not ready")
             started_at = time.time_ns()  # taken first: a quick exit must not precede it
-            await self.oci.start(container.id)
+            changes: dict[str, Any] = {}
+            if await self.checkpoints.pending(container.id):
+                changes["pid"] = await self.checkpoints.restore(container, sandbox)
+            else:
+                await self.oci.start(container.id)
             crash_point("start-container-after-start")
             container = await self.store.set(container.id, state=RUNNING,
-                                             started_at=started_at)
+                                             started_at=started_at, **changes)
         self._publish(STARTED, container)
         log.info("container %s started", container.id[:12])
 
@@ -466,7 +493,7 @@ class ContainerManager:
                     container.state == CREATED:
                 # Started just before the crash, not yet recorded as such.
                 await self.store.set(container.id, state=RUNNING, started_at=time.time_ns())
-            elif state is None:
+            elif state is None and not await self.checkpoints.pending(container.id):
                 await self.store.set(
                     container.id, state=EXITED, exit_code=255, reason="Error",
                     message="the container was lost (node reboot?)",

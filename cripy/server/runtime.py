@@ -93,6 +93,7 @@ class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, Streamin
         if request.verbose:
             info["config"] = json.dumps(dataclasses.asdict(self.config))
             info["runtime_handlers"] = json.dumps(self.containers.runtime_handlers())
+            info["checkpoint_restore"] = json.dumps(self.containers.checkpoints.criu.report())
         return pb.StatusResponse(status=status, info=info)
 
     @rpc

@@ -67,7 +67,7 @@ class FakeOci:
     async def create(self, container_id: str, bundle: Path, log_path: Path, *,
                      tty: bool = False, stdin: bool = False, stdin_once: bool = False,
                      log_size_max: int = -1, handler: str = "",
-                     cgroup_parent: str = "") -> int:
+                     cgroup_parent: str = "", restore_from: Path | None = None) -> int:
         self.handler(handler)
         self.calls.append(("create", container_id))
         assert (bundle / "config.json").is_file()
@@ -114,6 +114,9 @@ class FakeOci:
 
     async def pause(self, container_id: str) -> None:
         self.paused.add(container_id)
+
+    def runc_argv(self, *args: str, container_id: str | None = None) -> list[str]:
+        return ["runc", *args]
 
     async def resume(self, container_id: str) -> None:
         self.paused.discard(container_id)
