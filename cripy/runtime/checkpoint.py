@@ -29,6 +29,7 @@ from cripy.errors import CripyError, FailedPreconditionError, NotFoundError
 from cripy.fsutil import remove_tree
 from cripy.image.store import ImageRecord
 from cripy.oci.checkpoint import (
+    CHECKPOINT_ANNOTATION,
     CHECKPOINT_DIR,
     CONFIG_DUMP,
     CONTAINER_LOG,
@@ -175,23 +176,42 @@ class Checkpoints:
         return self.manager.store.object_dir(container_id) / RESTORE_DIR
 
     async def open_archive(self, image: str) -> CheckpointArchive | None:
-        """CreateContainer's image as a checkpoint archive, unpacked into a staging
-        directory (None when the image is an ordinary one)."""
+        """CreateContainer's image as a checkpoint, unpacked into a staging directory: a
+        path to an archive, or an image made from one (with CRI-O's checkpoint
+        annotation). None when the image is an ordinary one."""
+        record = None
         if not await asyncio.to_thread(looks_like_archive, image):
-            return None
+            record = self.manager.images.lookup(image) if image else None
+            if record is None or not await asyncio.to_thread(self._is_checkpoint_image,
+                                                             record):
+                return None
         self.criu.check()
+        layers = [self.manager.images.store.layer_dir(d) / "diff"
+                  for d in (record.layers if record is not None else [])]
 
         def unpack() -> CheckpointArchive:
             self.work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
             dest = Path(tempfile.mkdtemp(prefix="restore.", dir=self.work_root))
             try:
-                return unpack_archive(Path(image), dest,
-                                      self.manager.config.image.max_layer_bytes)
+                if record is None:
+                    return unpack_archive(Path(image), dest,
+                                          self.manager.config.image.max_layer_bytes)
+                for layer in layers:  # already unpacked (and checked) by the pull
+                    shutil.copytree(layer, dest, symlinks=True, dirs_exist_ok=True)
+                return read_unpacked(dest, f"checkpoint image {image}")
             except BaseException:
                 remove_tree(dest)
                 raise
 
         return await asyncio.to_thread(unpack)
+
+    def _is_checkpoint_image(self, record: ImageRecord) -> bool:
+        try:
+            manifest = json.loads(self.manager.images.store.read_blob(record.manifest_digest))
+        except (OSError, ValueError):
+            return False
+        annotations = manifest.get("annotations") if isinstance(manifest, dict) else None
+        return isinstance(annotations, dict) and CHECKPOINT_ANNOTATION in annotations
 
     def base_image(self, archive: CheckpointArchive) -> ImageRecord:
         """The image the checkpointed container ran: it must be on this node."""

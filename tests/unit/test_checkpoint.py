@@ -3,6 +3,7 @@ write (atomic) and read (untrusted), CRIU's log lines, the probe."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from cripy.errors import FailedPreconditionError, InvalidArgumentError
+from cripy.errors import DeadlineExceededError, FailedPreconditionError, InvalidArgumentError
 from cripy.oci.checkpoint import (
     CriuSupport,
     check_location,
     criu_errors,
+    dump,
     probe_criu,
     remove_deleted,
     unpack_archive,
@@ -173,3 +175,18 @@ def test_archive_entries_cannot_escape(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="cannot be read"):
         unpack_archive(tmp_path / "evil.tar", tmp_path / "dest", 1 << 20)
     assert not (tmp_path / "evil").exists()
+
+
+def test_a_dump_past_its_timeout_is_killed(tmp_path: Path) -> None:
+    with pytest.raises(DeadlineExceededError, match=r"checkpoint of c1 did not finish within 0.3s"):
+        asyncio.run(dump(["sh", "-c", f"echo $$ > {tmp_path}/pid; exec sleep 30"],
+                         "checkpoint of c1", tmp_path, 0.3))
+    pid = int((tmp_path / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_failed_dump_says_what_criu_logged(tmp_path: Path) -> None:
+    (tmp_path / "dump.log").write_text(DUMP_LOG)
+    with pytest.raises(FailedPreconditionError,
+                       match=r"checkpoint of c1 failed: .*Can't lookup mount=30"):
+        asyncio.run(dump(["false"], "checkpoint of c1", tmp_path, 10))

@@ -198,6 +198,9 @@ class FakeLayers:
     def get(self, image_id: str) -> ImageRecord | None:
         return IMAGE if image_id == IMAGE.id else None
 
+    def read_blob(self, digest: str) -> bytes:
+        return b'{"schemaVersion": 2, "layers": []}'
+
 
 @dataclass
 class FakeImages:

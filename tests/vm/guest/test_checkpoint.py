@@ -12,7 +12,10 @@ import grpc
 import pytest
 
 from cripy.api import api_pb2 as pb
+from cripy.oci.checkpoint import CHECKPOINT_ANNOTATION
+from tests.support.images import ImageSpec, Layer, push_image
 from tests.support.pods import container_config
+from tests.support.registry import Registry
 from tests.vm.guest.node import GuestPods, wait_for
 
 #: Counts in memory; writes each value to a file and to its log; a file written and one
@@ -58,8 +61,19 @@ def test_status_says_checkpointing_is_available(pods: GuestPods) -> None:
     assert report["version"] == "3.17.1"
 
 
+def restore(pods: GuestPods, pod_id: str, name: str, image: str) -> str:
+    """CreateContainer from a checkpoint, StartContainer; returns the container ID."""
+    config = container_config(name, image, COUNTER)
+    cid: str = pods.runtime.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=pod_id, config=config, sandbox_config=pods.config(pod_id)),
+        timeout=120).container_id
+    assert pods.status(cid).status.state == pb.CONTAINER_CREATED
+    pods.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+    return cid
+
+
 def test_checkpoint_a_running_counter_and_restore_it_in_a_new_pod(
-        pods: GuestPods, tmp_path: Path) -> None:
+        pods: GuestPods, tmp_path: Path, registry: Registry) -> None:
     source_pod = pods.run("ckpt-src")
     cid = pods.create(source_pod, "counter", COUNTER)
     wait_for("the counter counts", lambda: count(pods, cid) >= 5, within=60)
@@ -100,12 +114,7 @@ def test_checkpoint_a_running_counter_and_restore_it_in_a_new_pod(
     # Restored into a new pod, with another IP: memory, files and deletions are back.
     target_pod = pods.run("ckpt-dst")
     assert pod_ip(pods, target_pod) != pod_ip(pods, source_pod)
-    config_new = container_config("restored", str(location), COUNTER)
-    restored = pods.runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=target_pod, config=config_new, sandbox_config=pods.config(target_pod)),
-        timeout=120).container_id
-    assert pods.status(restored).status.state == pb.CONTAINER_CREATED
-    pods.runtime.StartContainer(pb.StartContainerRequest(container_id=restored), timeout=120)
+    restored = restore(pods, target_pod, "restored", str(location))
     status = pods.status(restored, verbose=True)
     assert status.status.state == pb.CONTAINER_RUNNING
     info = json.loads(status.info["info"])
@@ -128,6 +137,23 @@ def test_checkpoint_a_running_counter_and_restore_it_in_a_new_pod(
     assert pods.status(cid).status.state == pb.CONTAINER_RUNNING
     restore_dir = pods.node.daemon.root / "containers" / restored / "restore"
     assert not restore_dir.exists()
+    assert work_dirs(pods) == []
+
+    # An OCI image made of the archive (one layer, CRI-O's checkpoint annotation), pulled
+    # from a registry, restores the same way.
+    image = push_image(registry, "checkpoints/counter", "v1", ImageSpec(
+        layers=[Layer(location.read_bytes(), "gzip")],
+        annotations={CHECKPOINT_ANNOTATION: "counter"}))
+    pods.node.daemon.pull(image.ref)
+    from_image = restore(pods, pods.run("ckpt-img"), "from-image", image.ref)
+    assert pods.status(from_image).status.state == pb.CONTAINER_RUNNING
+    assert pods.exec(from_image, "cat", "/tmp/marker").stdout == b"before\n"
+    wait_for("the counter from the image counts",
+             lambda: count(pods, from_image) > after, within=30)
+    wait_for("it logs", lambda: bool(logged_counts(pods.log_dir / "from-image.log")),
+             within=30)
+    values = logged_counts(pods.log_dir / "from-image.log")
+    assert values[0] > before
     assert work_dirs(pods) == []
 
 
