@@ -28,7 +28,6 @@ import signal
 import stat
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from cripy.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
-from cripy.fsutil import fsync_dir
+from cripy.fsutil import atomic_file
 from cripy.image.layer import OPAQUE_XATTR, apply_layer
 
 CHECKPOINT_DIR = "checkpoint"
@@ -249,22 +248,10 @@ def write_json(path: Path, value: Any) -> None:
 def write_archive(stage: Path, location: Path) -> None:
     """Tar everything in `stage` to `location` atomically: a temp file beside it, renamed
     when complete; on any failure nothing is left at (or beside) `location`."""
-    fd, tmp = tempfile.mkstemp(dir=location.parent, prefix=f".{location.name}.",
-                               suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                for entry in sorted(stage.iterdir()):
-                    tf.add(entry, arcname=entry.name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, location)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(location.parent)
+    with atomic_file(location, 0o600, suffix=".partial") as f, \
+            tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for entry in sorted(stage.iterdir()):
+            tf.add(entry, arcname=entry.name)
 
 
 # --- reading an archive -----------------------------------------------------------------

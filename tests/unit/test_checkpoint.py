@@ -148,13 +148,17 @@ def test_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
     assert os.listdir(out) == []
 
 
-def test_an_archive_without_criu_images_is_no_checkpoint(tmp_path: Path) -> None:
+def one_file_tar(name: str, content: bytes) -> bytes:
     data = io.BytesIO()
     with tarfile.open(fileobj=data, mode="w") as tf:
-        info = tarfile.TarInfo("config.dump")
-        info.size = 2
-        tf.addfile(info, io.BytesIO(b"{}"))
-    (tmp_path / "x.tar").write_bytes(data.getvalue())
+        info = tarfile.TarInfo(name)
+        info.size = len(content)
+        tf.addfile(info, io.BytesIO(content))
+    return data.getvalue()
+
+
+def test_an_archive_without_criu_images_is_no_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "x.tar").write_bytes(one_file_tar("config.dump", b"{}"))
     (tmp_path / "dest").mkdir()
     with pytest.raises(InvalidArgumentError, match="is not a checkpoint archive"):
         unpack_archive(tmp_path / "x.tar", tmp_path / "dest", 1 << 20)
@@ -165,12 +169,7 @@ def test_an_archive_without_criu_images_is_no_checkpoint(tmp_path: Path) -> None
 
 
 def test_archive_entries_cannot_escape(tmp_path: Path) -> None:
-    data = io.BytesIO()
-    with tarfile.open(fileobj=data, mode="w") as tf:
-        info = tarfile.TarInfo("../evil")
-        info.size = 1
-        tf.addfile(info, io.BytesIO(b"x"))
-    (tmp_path / "evil.tar").write_bytes(data.getvalue())
+    (tmp_path / "evil.tar").write_bytes(one_file_tar("../evil", b"x"))
     (tmp_path / "dest").mkdir()
     with pytest.raises(InvalidArgumentError, match="cannot be read"):
         unpack_archive(tmp_path / "evil.tar", tmp_path / "dest", 1 << 20)
