@@ -1,9 +1,9 @@
 """CheckpointContainer and restores: the container-level side of cripy.oci.checkpoint.
 
 A checkpoint dumps a running container with CRIU (`runc checkpoint --leave-running`)
-into a staging directory under the runroot, adds the metadata, the writable layer and
-the log, and writes the archive to the requested location atomically. The container
-keeps running whether or not this succeeds.
+into a staging directory under the root (ROOT/checkpoints), adds the metadata, the
+writable layer and the log, and writes the archive to the requested location
+atomically. The container keeps running whether or not this succeeds.
 
 A restore is a CreateContainer whose image is a checkpoint archive: the archive is
 unpacked into the container's directory, the writable layer is re-applied before the
@@ -81,7 +81,8 @@ class Checkpoints:
                  criu: CriuSupport | None = None) -> None:
         self.manager = manager
         self.criu = criu or CriuSupport(False, "not probed")
-        self.work_root = Path(manager.config.runroot) / "checkpoints"
+        # On disk, not the runroot's tmpfs: a dump holds the container's memory.
+        self.work_root = Path(manager.config.root) / "checkpoints"
 
     # --- CheckpointContainer ------------------------------------------------------------
 

@@ -92,7 +92,7 @@ def test_a_checkpoint_here_succeeds_or_is_refused_with_criu_s_reason(
         assert errors.split("; ")[-1] in details
         assert list(out.iterdir()) == []
     assert pods.status(cid).status.state == pb.CONTAINER_RUNNING
-    work = pods.node.daemon.runroot / "checkpoints"
+    work = pods.node.daemon.root / "checkpoints"
     assert not work.exists() or list(work.iterdir()) == []
 
 

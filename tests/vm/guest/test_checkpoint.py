@@ -50,7 +50,7 @@ def checkpoint(pods: GuestPods, cid: str, location: str, timeout: int = 120) -> 
 
 
 def work_dirs(pods: GuestPods) -> list[str]:
-    root = pods.node.daemon.runroot / "checkpoints"
+    root = pods.node.daemon.root / "checkpoints"
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
 
