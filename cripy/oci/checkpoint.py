@@ -103,6 +103,21 @@ def probe_criu(enabled: bool, binary: str = "criu") -> CriuSupport:
     return CriuSupport(True, "", path, number)
 
 
+def runtime_criu_problem(runtime_path: str, flavor: str) -> str:
+    """Why the OCI runtime cannot checkpoint, or "": crun lists CRIU among its
+    `--version` features only when built with it (Debian 12's is not)."""
+    if flavor != "crun":
+        return ""
+    try:
+        out = subprocess.run([runtime_path, "--version"], capture_output=True, text=True,
+                             timeout=PROBE_TIMEOUT, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{runtime_path} cannot be run: {exc}"
+    if "+CRIU" not in out.split():
+        return f"{runtime_path} is built without CRIU support (no +CRIU in its --version)"
+    return ""
+
+
 def criu_errors(text: str) -> str:
     """The last few "Error (file:line): ..." lines of a CRIU log, joined."""
     found = [line.strip() for line in text.splitlines() if "Error (" in line]

@@ -47,6 +47,7 @@ from cripy.oci.checkpoint import (
     looks_like_archive,
     read_unpacked,
     remove_deleted,
+    runtime_criu_problem,
     unpack_archive,
     write_archive,
     write_criu_restore_config,
@@ -83,6 +84,18 @@ class Checkpoints:
         self.criu = criu or CriuSupport(False, "not probed")
         # On disk, not the runroot's tmpfs: a dump holds the container's memory.
         self.work_root = Path(manager.config.root) / "checkpoints"
+        self._handler_problems: dict[str, str] = {}  # runtime handler -> why it cannot
+
+    async def check_handler(self, name: str) -> None:
+        """Refuse what the runtime handler `name` cannot do (asked once per handler)."""
+        handler = self.manager.oci.handler(name)
+        if handler.name not in self._handler_problems:
+            self._handler_problems[handler.name] = await asyncio.to_thread(
+                runtime_criu_problem, handler.runtime_path, handler.flavor)
+        problem = self._handler_problems[handler.name]
+        if problem:
+            raise FailedPreconditionError(
+                f"runtime handler {handler.name!r} cannot checkpoint or restore: {problem}")
 
     # --- CheckpointContainer ------------------------------------------------------------
 
@@ -97,6 +110,8 @@ class Checkpoints:
                 f"container {container.id} is {container.state}: only a running container "
                 "can be checkpointed")
         self.criu.check()
+        sandbox = manager.sandboxes.find(container.sandbox_id)
+        await self.check_handler(sandbox.runtime_handler if sandbox is not None else "")
         limit = timeout if timeout > 0 else DEFAULT_TIMEOUT
         async with manager.locks.hold(container.id):
             container = await manager.refresh(manager.store.get(container.id))
@@ -176,7 +191,7 @@ class Checkpoints:
     def restore_dir(self, container_id: str) -> Path:
         return self.manager.store.object_dir(container_id) / RESTORE_DIR
 
-    async def open_archive(self, image: str) -> CheckpointArchive | None:
+    async def open_archive(self, image: str, handler: str) -> CheckpointArchive | None:
         """CreateContainer's image as a checkpoint, unpacked into a staging directory: a
         path to an archive, or an image made from one (with CRI-O's checkpoint
         annotation). None when the image is an ordinary one."""
@@ -187,6 +202,7 @@ class Checkpoints:
                                                              record):
                 return None
         self.criu.check()
+        await self.check_handler(handler)
         layers = [self.manager.images.store.layer_dir(d) / "diff"
                   for d in (record.layers if record is not None else [])]
 
@@ -267,6 +283,7 @@ class Checkpoints:
         """conmon runs `runc restore`: returns the restored process's pid."""
         manager = self.manager
         self.criu.check()
+        await self.check_handler(sandbox.runtime_handler)
         bundle = manager.bundle_dir(container.id)
         c = container.config
         try:

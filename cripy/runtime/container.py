@@ -210,7 +210,8 @@ class ContainerManager:
         log_path = (str(validate_log_path(sandbox.config.log_directory, config.log_path))
                     if config.log_path else "")
         # An image that is a checkpoint archive restores that container (at its start).
-        restore = await self.checkpoints.open_archive(config.image.image)
+        restore = await self.checkpoints.open_archive(config.image.image,
+                                                      sandbox.runtime_handler)
         try:
             image = (self.checkpoints.base_image(restore) if restore is not None
                      else self.images.lookup(config.image.image))

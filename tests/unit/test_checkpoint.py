@@ -20,6 +20,7 @@ from cripy.oci.checkpoint import (
     dump,
     probe_criu,
     remove_deleted,
+    runtime_criu_problem,
     unpack_archive,
     write_archive,
     write_rootfs_diff,
@@ -189,3 +190,13 @@ def test_a_failed_dump_says_what_criu_logged(tmp_path: Path) -> None:
     with pytest.raises(FailedPreconditionError,
                        match=r"checkpoint of c1 failed: .*Can't lookup mount=30"):
         asyncio.run(dump(["false"], "checkpoint of c1", tmp_path, 10))
+
+
+def test_a_crun_without_criu_is_named(tmp_path: Path) -> None:
+    fake = tmp_path / "crun"
+    fake.write_text("#!/bin/sh\necho 'crun version 1.8.1'\necho '+SYSTEMD +SECCOMP +YAJL'\n")
+    fake.chmod(0o755)
+    assert "built without CRIU support" in runtime_criu_problem(str(fake), "crun")
+    fake.write_text("#!/bin/sh\necho 'crun version 1.14'\necho '+SYSTEMD +CRIU +YAJL'\n")
+    assert runtime_criu_problem(str(fake), "crun") == ""
+    assert runtime_criu_problem("/nonexistent/runc", "runc") == ""

@@ -17,6 +17,7 @@ from tests.support.images import ImageSpec, Layer, push_image
 from tests.support.pods import container_config
 from tests.support.registry import Registry
 from tests.vm.guest.node import GuestPods, wait_for
+from tests.vm.guest.test_crun import run_with
 
 #: Counts in memory; writes each value to a file and to its log; a file written and one
 #: of the image's files deleted before the checkpoint.
@@ -194,6 +195,12 @@ def test_checkpoint_errors_leave_the_container_running_and_nothing_behind(
     assert "Connected TCP socket" in (error.details() or ""), error.details()
     assert pods.status(tcp).status.state == pb.CONTAINER_RUNNING
     assert b" 01 " in pods.exec(tcp, "cat", "/proc/net/tcp").stdout
+
+    # Debian's crun is built without CRIU: a crun container is refused, saying so.
+    crun = pods.create(run_with(pods, "crun", "ckpt-crun"), "app", ["sleep", "300"])
+    error = refused(crun, str(out / "crun.tar"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "built without CRIU support" in (error.details() or ""), error.details()
 
     assert sorted(p.name for p in out.iterdir()) == []
     assert work_dirs(pods) == []
