@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,6 +10,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 
 from cripy.api import api_pb2, api_pb2_grpc
+from tests.support.protogen import stale_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 API_DIR = ROOT / "cripy" / "api"
@@ -97,19 +95,7 @@ def _assert_fields(cls: type[_message.Message], expected: dict[str, int]) -> Non
 
 
 def test_generated_modules_are_current(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHON=sys.executable)
-    subprocess.run(
-        ["bash", str(ROOT / "scripts" / "gen-proto"), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    stale = [
-        name
-        for name in GENERATED
-        if (tmp_path / name).read_bytes() != (API_DIR / name).read_bytes()
-    ]
+    stale = stale_modules(tmp_path, API_DIR, GENERATED)
     assert not stale, f"generated modules out of date, run scripts/gen-proto: {stale}"
 
 
