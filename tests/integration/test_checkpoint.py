@@ -90,6 +90,10 @@ def test_a_checkpoint_here_succeeds_or_is_refused_with_criu_s_reason(
         details = error.details() or ""
         assert "checkpoint/restore is not available on this node" in details
         assert errors.split("; ")[-1] in details
+        # `cripy ctl checkpoint` says the same.
+        result = pods.node.daemon.ctl("checkpoint", "--export", str(location), cid[:12],
+                                      check=False)
+        assert result.returncode != 0 and errors.split("; ")[-1] in result.stderr
         assert list(out.iterdir()) == []
     assert pods.status(cid).status.state == pb.CONTAINER_RUNNING
     work = pods.node.daemon.root / "checkpoints"
