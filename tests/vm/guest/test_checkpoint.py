@@ -185,8 +185,9 @@ def test_checkpoint_errors_leave_the_container_running_and_nothing_behind(
     error = refused("0" * 64, str(out / "a.tar"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     # What CRIU refuses (an established TCP connection) is answered with its reason.
-    # (To the pod's own address: the test network has no loopback plugin, lo is down.)
-    tcp = pods.create(pod, "tcp", ["sh", "-c", "nc -l -p 9000 >/dev/null & while true; do "
+    # (The listener's stdin never ends: at its end busybox nc half-closes the connection.)
+    tcp = pods.create(pod, "tcp", ["sh", "-c", "sleep 3600 | nc -l -p 9000 >/dev/null & "
+                                   "while true; do "
                                    "(while true; do echo x; sleep 1; done) | "
                                    f"nc {pod_ip(pods, pod)} 9000; sleep 0.5; done"])
     wait_for("the connection is up", lambda: b" 01 " in pods.exec(
