@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from cripy.api import api_pb2 as pb
+from tests.integration.test_monitoring import cripy_status
 from tests.support.daemon import Daemon
 from tests.support.pods import Pods, container_config
 
@@ -43,6 +44,9 @@ def test_status_reports_whether_checkpointing_works_here(pods: Pods) -> None:
     if not works:
         assert "criu check" in report["reason"] and errors.split("; ")[-1] in \
             report["reason"]
+    # `cripy status info` tells the same.
+    shown = json.loads(cripy_status(pods.node.daemon, "info").stdout)["checkpoint_restore"]
+    assert shown == report
 
 
 def test_bad_requests_are_refused_and_leave_the_container_running(
