@@ -111,6 +111,16 @@ class RuntimeConfig:
     enable_criu_support: bool = _doc(
         "CheckpointContainer and restores from checkpoint archives, with CRIU; used only "
         "where criu is installed and `criu check` passes (probed at start).", default=True)
+    enable_pod_events: bool = _doc(
+        "PodSandboxStatus reports the pod's container statuses and when they were taken, "
+        "as the kubelet's evented PLEG reads them (verbose requests always get them).",
+        default=True)
+    pod_cgroup_resources: bool = _doc(
+        "Write the pod-level resources (RunPodSandbox's overhead + resources, "
+        "UpdatePodSandboxResources) into the pod's own cgroup. Off: the kubelet sizes its "
+        "pod cgroups itself before it sends them (and its sum leaves out containers without "
+        "a limit), so they are only checked and recorded, as CRI-O and containerd do.",
+        default=False)
     handlers: dict[str, RuntimeHandlerConfig] = _doc(
         "The runtime handlers, one table each: [runtime.handlers.NAME]. Tables given in a "
         "file are added to (or replace) the built-in runc and crun ones.",

@@ -109,6 +109,10 @@ class ContainerManager:
     def in_sandbox(self, sandbox_id: str) -> list[Container]:
         return [c for c in self.store if c.sandbox_id == sandbox_id]
 
+    def listed_in(self, sandbox_id: str) -> list[Container]:
+        """The pod's containers as the CRI shows them: not those still being created."""
+        return [c for c in self.in_sandbox(sandbox_id) if c.state != CREATING]
+
     def bundle_dir(self, container_id: str) -> Path:
         """The OCI bundle (config.json, rootfs, conmon's sockets)."""
         return self._run_dir / container_id
@@ -182,7 +186,7 @@ class ContainerManager:
     def _publish(self, kind: str, container: Container) -> None:
         """Tell subscribers, with snapshots of the pod and all its containers."""
         sandbox = self.sandboxes.find(container.sandbox_id)
-        peers = [c for c in self.in_sandbox(container.sandbox_id) if c.state != CREATING]
+        peers = self.listed_in(container.sandbox_id)
         self.events.publish(Event(kind, container.id, container.sandbox_id, time.time_ns(),
                                   (sandbox, peers)))
 
