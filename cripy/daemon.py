@@ -25,7 +25,6 @@ from cripy.metrics import MetricsServer
 from cripy.network.cni import CNIManager
 from cripy.oci.apparmor import prepare_host
 from cripy.oci.cgroups import make_driver, probe_host
-from cripy.oci.checkpoint import probe_criu
 from cripy.oci.handlers import probe_handlers
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
@@ -74,8 +73,7 @@ class Daemon:
         self.oci = oci
         self.sandboxes = SandboxManager(config, oci, cni, self.events)
         self.containers = ContainerManager(config, oci, self.images, self.sandboxes,
-                                           self.events,
-                                           criu=probe_criu(config.runtime.enable_criu_support))
+                                           self.events)
         self.sandboxes.containers = self.containers
         self.stats = StatsCollector(self.containers, self.sandboxes)
         self.images.layers_in_use = self.containers.layers_in_use
@@ -97,6 +95,7 @@ class Daemon:
         status_api: StatusServer | None = None
         metrics: MetricsServer | None = None
         try:
+            self.containers.checkpoints.start_probe(self.config.runtime.enable_criu_support)
             self.sandboxes.apparmor = await asyncio.to_thread(prepare_host)
             await self.images.start()
             await self.sandboxes.recover()

@@ -45,6 +45,7 @@ from cripy.oci.checkpoint import (
     criu_log_errors,
     dump,
     looks_like_archive,
+    probe_criu,
     read_unpacked,
     remove_deleted,
     runtime_criu_problem,
@@ -85,6 +86,18 @@ class Checkpoints:
         # On disk, not the runroot's tmpfs: a dump holds the container's memory.
         self.work_root = Path(manager.config.root) / "checkpoints"
         self._handler_problems: dict[str, str] = {}  # runtime handler -> why it cannot
+        self._probe: asyncio.Future[CriuSupport] | None = None
+
+    def start_probe(self, enabled: bool) -> None:
+        """Probe CRIU once, in a thread (`criu check` can take seconds): the daemon serves
+        meanwhile, and what needs the answer waits for it."""
+        self._probe = asyncio.ensure_future(asyncio.to_thread(_probe_and_log, enabled))
+
+    async def support(self) -> CriuSupport:
+        """Whether this node can checkpoint and restore (once probed)."""
+        if self._probe is not None:
+            self.criu = await asyncio.shield(self._probe)
+        return self.criu
 
     async def check_handler(self, name: str) -> None:
         """Refuse what the runtime handler `name` cannot do (asked once per handler)."""
@@ -109,7 +122,7 @@ class Checkpoints:
             raise FailedPreconditionError(
                 f"container {container.id} is {container.state}: only a running container "
                 "can be checkpointed")
-        self.criu.check()
+        (await self.support()).check()
         sandbox = manager.sandboxes.find(container.sandbox_id)
         await self.check_handler(sandbox.runtime_handler if sandbox is not None else "")
         limit = timeout if timeout > 0 else DEFAULT_TIMEOUT
@@ -201,7 +214,7 @@ class Checkpoints:
             if record is None or not await asyncio.to_thread(self._is_checkpoint_image,
                                                              record):
                 return None
-        self.criu.check()
+        (await self.support()).check()
         await self.check_handler(handler)
         layers = [self.manager.images.store.layer_dir(d) / "diff"
                   for d in (record.layers if record is not None else [])]
@@ -282,7 +295,7 @@ class Checkpoints:
     async def restore(self, container: Container, sandbox: Sandbox) -> int:
         """conmon runs `runc restore`: returns the restored process's pid."""
         manager = self.manager
-        self.criu.check()
+        (await self.support()).check()
         await self.check_handler(sandbox.runtime_handler)
         bundle = manager.bundle_dir(container.id)
         c = container.config
@@ -299,6 +312,15 @@ class Checkpoints:
                 f"{reason or exc}") from None
         await asyncio.to_thread(remove_tree, self.restore_dir(container.id))
         return pid
+
+
+def _probe_and_log(enabled: bool) -> CriuSupport:
+    found = probe_criu(enabled)
+    if found.available:
+        log.info("checkpoint/restore: criu %s (%s)", found.version, found.path)
+    else:
+        log.warning("checkpoint/restore is not available: %s", found.reason)
+    return found
 
 
 def _annotations(container: Container, sandbox: Sandbox | None, image_name: str,

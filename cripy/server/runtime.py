@@ -93,7 +93,8 @@ class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, Streamin
         if request.verbose:
             info["config"] = json.dumps(dataclasses.asdict(self.config))
             info["runtime_handlers"] = json.dumps(self.containers.runtime_handlers())
-            info["checkpoint_restore"] = json.dumps(self.containers.checkpoints.criu.report())
+            info["checkpoint_restore"] = json.dumps(
+                (await self.containers.checkpoints.support()).report())
         return pb.StatusResponse(status=status, info=info)
 
     @rpc
