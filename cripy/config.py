@@ -115,6 +115,9 @@ class RuntimeConfig:
         "Largest a container log file may grow (bytes) before it is rotated; -1: no limit.",
         default=-1,
     )
+    enable_criu_support: bool = _doc(
+        "CheckpointContainer and restores from checkpoint archives, with CRIU; used only "
+        "where criu is installed and `criu check` passes (probed at start).", default=True)
     enable_pod_events: bool = _doc(
         "PodSandboxStatus reports the pod's container statuses and when they were taken, "
         "as the kubelet's evented PLEG reads them (verbose requests always get them).",

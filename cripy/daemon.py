@@ -99,6 +99,7 @@ class Daemon:
         status_api: StatusServer | None = None
         metrics: MetricsServer | None = None
         try:
+            self.containers.checkpoints.start_probe(self.config.runtime.enable_criu_support)
             self.sandboxes.apparmor = await asyncio.to_thread(prepare_host)
             await self.images.start()
             await self.sandboxes.recover()

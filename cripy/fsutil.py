@@ -7,16 +7,25 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write `data` to `path` so that readers see the old or the new content, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with atomic_file(path, mode) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int = 0o600, suffix: str = "") -> Iterator[BinaryIO]:
+    """A temp file beside `path`, for writing; renamed to `path` (synced) when the block
+    ends, removed if it raises: `path` never holds a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

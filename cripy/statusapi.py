@@ -125,6 +125,7 @@ class StatusServer:
             "runtime": self.oci.runtime_path,
             "runtime_root": str(self.oci.state_dir / "runc"),
             "version": __version__,
+            "checkpoint_restore": (await self.containers.checkpoints.support()).report(),
         })
 
     async def _config(self) -> Response:

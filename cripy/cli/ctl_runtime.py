@@ -535,6 +535,15 @@ def cmd_stop(client: Client, args: argparse.Namespace) -> None:
         print(container_id)
 
 
+def cmd_checkpoint(client: Client, args: argparse.Namespace) -> None:
+    """crictl's `checkpoint --export PATH CONTAINER`: the archive of a running container."""
+    location = str(Path(args.export).absolute())
+    for container_id in [resolve_container(client, args, p) for p in args.ids]:
+        client.runtime.CheckpointContainer(pb.CheckpointContainerRequest(
+            container_id=container_id, location=location, timeout=args.checkpoint_timeout))
+        print(container_id)
+
+
 def _remove_logs(log_path: str) -> None:
     if not log_path:
         return
@@ -741,6 +750,14 @@ def add_verbs(verb: AddVerb) -> None:
     stop.add_argument("-t", "--timeout", dest="stop_timeout", type=int, default=0,
                       metavar="SECONDS", help="grace period before the kill (default 0)")
     stop.add_argument("-a", "--all", action="store_true", help="stop every running container")
+
+    checkpoint = verb("checkpoint", cmd_checkpoint,
+                      "write a checkpoint archive of a running container (CRIU)", ())
+    checkpoint.add_argument("ids", nargs=1, metavar="CONTAINER")
+    checkpoint.add_argument("--export", required=True, metavar="PATH",
+                            help="the archive to write (a .tar)")
+    checkpoint.add_argument("--timeout", dest="checkpoint_timeout", type=int, default=0,
+                            metavar="SECONDS", help="bound for the dump (default 300)")
 
     rm = verb("rm", cmd_rm, "remove containers", ())
     rm.add_argument("ids", nargs="*", metavar="CONTAINER")

@@ -205,12 +205,15 @@ class OciRuntime:
         log_size_max: int = -1,
         handler: str = "",
         cgroup_parent: str = "",
+        restore_from: Path | None = None,
     ) -> int:
         """Create the container under a new conmon; returns the container's pid.
 
         The container is left in runc's "created" state: its process waits for `start`.
         `handler` names the runtime handler ("" is the default); `cgroup_parent` is the
-        pod's, for the cgroup driver to place conmon.
+        pod's, for the cgroup driver to place conmon. With `restore_from` (a directory of
+        CRIU images) conmon runs `runc restore --detach` instead: the container is running
+        on return, and CRIU's restore.log is in the bundle.
         """
         cid = _check_id(container_id)
         chosen = self.handler(handler)
@@ -222,7 +225,7 @@ class OciRuntime:
         self._handler_of[cid] = chosen
         try:
             return await self._create(cid, bundle, log_path, tty, stdin, stdin_once, log_size_max,
-                                      chosen, cgroup_parent)
+                                      chosen, cgroup_parent, restore_from)
         finally:
             self._creating.discard(cid)
 
@@ -237,6 +240,7 @@ class OciRuntime:
         log_size_max: int,
         handler: RuntimeHandler,
         cgroup_parent: str,
+        restore_from: Path | None = None,
     ) -> int:
         persist = self._persist / cid
         record: dict[str, Any] = {"bundle": str(bundle), "log_path": str(log_path),
@@ -279,6 +283,8 @@ class OciRuntime:
                 argv.append("--leave-stdin-open")
         if log_size_max > 0:
             argv += ["--log-size-max", str(log_size_max)]
+        if restore_from is not None:
+            argv += ["--restore", str(restore_from)]
 
         try:
             pid = await self._spawn_conmon(cid, argv, persist, handler)

@@ -26,10 +26,13 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
+from cripy.image.store import ImageRecord
 from cripy.nri.hooks import Nri
 from cripy.oci import cdi, signals
+from cripy.oci.checkpoint import CheckpointArchive, CriuSupport
 from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
+from cripy.runtime.checkpoint import Checkpoints
 from cripy.runtime.events import CREATED as CREATED_EVENT
 from cripy.runtime.events import DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
@@ -57,7 +60,7 @@ class ContainerManager:
 
     def __init__(self, config: Config, oci: OciDriver, images: Images,
                  sandboxes: SandboxManager, events: EventBus | None = None,
-                 host: Host = HOST) -> None:
+                 host: Host = HOST, criu: CriuSupport | None = None) -> None:
         self.config = config
         self.events = events or EventBus()
         self.oci = oci
@@ -70,6 +73,7 @@ class ContainerManager:
         self._run_dir = Path(config.runroot) / "containers"
         self.locks = LockTable()
         self.nri = Nri()  # the daemon's, once it started NRI
+        self.checkpoints = Checkpoints(self, criu)
 
     # --- lookups (snapshots, from memory) -----------------------------------------------
 
@@ -216,12 +220,24 @@ class ContainerManager:
         if not config.metadata.name:
             raise InvalidArgumentError("container metadata.name is empty")
         signals.from_pb(config.stop_signal)  # a clear error for an unknown one
-        image = self.images.lookup(config.image.image)
-        if image is None:
-            raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
         config = image_volume.resolve_image_mounts(config, self.images.lookup)
         log_path = (str(validate_log_path(sandbox.config.log_directory, config.log_path))
                     if config.log_path else "")
+        # An image that is a checkpoint archive restores that container (at its start).
+        restore = await self.checkpoints.open_archive(config.image.image,
+                                                      sandbox.runtime_handler)
+        try:
+            image = (self.checkpoints.base_image(restore) if restore is not None
+                     else self.images.lookup(config.image.image))
+            if image is None:
+                raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
+            return await self._create(sandbox, config, image, log_path, restore)
+        finally:
+            if restore is not None and await asyncio.to_thread(restore.directory.exists):
+                await self.checkpoints.discard(restore)  # not adopted: the create failed
+
+    async def _create(self, sandbox: Sandbox, config: pb.ContainerConfig, image: ImageRecord,
+                      log_path: str, restore: CheckpointArchive | None) -> Container:
         async with contextlib.AsyncExitStack() as held:
             # Registered under the pod's lock: a stop or remove of the pod either comes
             # first (and this is refused) or finds the container and waits for its lock.
@@ -237,7 +253,7 @@ class ContainerManager:
                 ))
                 await held.enter_async_context(self.locks.hold(container.id))
             try:
-                built = await self._build(container, sandbox, image.layers)
+                built = await self._build(container, sandbox, image.layers, restore)
             except BaseException as exc:
                 log.warning("CreateContainer %s failed, cleaning up: %s", container.name, exc)
                 await asyncio.shield(self.nri.container_failed(container.id))
@@ -249,8 +265,8 @@ class ContainerManager:
         log.info("container %s (%s) created", container.id[:12], container.name)
         return container
 
-    async def _build(self, container: Container, sandbox: Sandbox, layers: list[str]
-                     ) -> dict[str, Any]:
+    async def _build(self, container: Container, sandbox: Sandbox, layers: list[str],
+                     restore: CheckpointArchive | None = None) -> dict[str, Any]:
         """Make the rootfs, the bundle and the runc container; returns the record's new
         fields."""
         store = self.images.store
@@ -272,6 +288,8 @@ class ContainerManager:
         def lowers(diff_ids: list[str]) -> list[str]:  # topmost first, under store.layers
             return [f"{store.layer_dir(d).name}/diff" for d in reversed(diff_ids)]
 
+        if restore is not None:  # the checkpoint's writable layer, before the mount
+            restore = await self.checkpoints.adopt(restore, container.id)
         await self.host.mount_overlay(store.layers, lowers(layers), record_dir / "upper",
                                       record_dir / "work", rootfs)
         volumes = []
@@ -281,6 +299,8 @@ class ContainerManager:
                     bundle, index, store.layers,
                     lowers(volume_images[m.image.image_ref].layers), m))
         crash_point("create-container-after-mount")
+        if restore is not None:
+            await self.checkpoints.finish_rootfs(restore, rootfs)
         image = store.get(container.image_id)
         if image is None:
             raise NotFoundError(f"image {container.image_id} was removed during the create")
@@ -294,6 +314,8 @@ class ContainerManager:
                 _effective_config(image_volume.with_volume_binds(container.config, volumes),
                                   sandbox), sandbox.config, image_config, context)
             cdi.inject(spec, container.config, self.config.cdi.spec_dirs)
+            if restore is not None:
+                spec = self.checkpoints.restore_spec(spec, restore, container.config.image.image)
             return spec, image_config, context.cgroup_v2
 
         def write_bundle() -> None:
@@ -303,15 +325,18 @@ class ContainerManager:
         spec, image_config, cgroup_v2 = await asyncio.to_thread(build_spec)
         await self.nri.create_container(sandbox, container, spec, cgroup_v2=cgroup_v2)
         await asyncio.to_thread(write_bundle)
+        user = spec["process"]["user"]
+        identity = {"stop_signal": signals.stop_signal(container.config, image_config),
+                    "user": (user["uid"], user["gid"], *user.get("additionalGids", ()))}
+        if restore is not None:  # CRIU makes the process at StartContainer
+            return {"pid": 0, **identity}
         c = container.config
         pid = await self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
             log_size_max=self.config.runtime.log_size_max, handler=sandbox.runtime_handler,
             cgroup_parent=sandbox.config.linux.cgroup_parent)
         crash_point("create-container-after-conmon")
-        user = spec["process"]["user"]
-        return {"pid": pid, "stop_signal": signals.stop_signal(c, image_config),
-                "user": (user["uid"], user["gid"], *user.get("additionalGids", ()))}
+        return {"pid": pid, **identity}
 
     # --- StartContainer / StopContainer / RemoveContainer -------------------------------
 
@@ -329,10 +354,14 @@ class ContainerManager:
                     "is not ready")
             await self.nri.start_container(container)
             started_at = time.time_ns()  # taken first: a quick exit must not precede it
-            await self.oci.start(container.id)
+            changes: dict[str, Any] = {}
+            if await self.checkpoints.pending(container.id):
+                changes["pid"] = await self.checkpoints.restore(container, sandbox)
+            else:
+                await self.oci.start(container.id)
             crash_point("start-container-after-start")
             container = await self.store.set(container.id, state=RUNNING,
-                                             started_at=started_at)
+                                             started_at=started_at, **changes)
         self._publish(STARTED, container)
         await self.nri.post_start_container(container)
         log.info("container %s started", container.id[:12])
@@ -524,7 +553,7 @@ class ContainerManager:
                     container.state == CREATED:
                 # Started just before the crash, not yet recorded as such.
                 await self.store.set(container.id, state=RUNNING, started_at=time.time_ns())
-            elif state is None:
+            elif state is None and not await self.checkpoints.pending(container.id):
                 await self.store.set(
                     container.id, state=EXITED, exit_code=255, reason="Error",
                     message="the container was lost (node reboot?)",

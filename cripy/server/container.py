@@ -6,7 +6,7 @@ import json
 import time
 
 from cripy.api import api_pb2 as pb
-from cripy.errors import DeadlineExceededError
+from cripy.errors import DeadlineExceededError, InvalidArgumentError
 from cripy.oci import signals
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.store import Container
@@ -108,6 +108,16 @@ class ContainerRpcs:
                 f"{time.monotonic() - started:.1f}s (timeout {request.timeout}s)")
         return pb.ExecSyncResponse(
             stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    @rpc
+    async def CheckpointContainer(
+        self, request: pb.CheckpointContainerRequest, context: Context
+    ) -> pb.CheckpointContainerResponse:
+        if not request.container_id:
+            raise InvalidArgumentError("container_id is empty")
+        await self.containers.checkpoints.checkpoint(
+            request.container_id, request.location, float(request.timeout))
+        return pb.CheckpointContainerResponse()
 
     @rpc
     async def ReopenContainerLog(

@@ -94,6 +94,8 @@ class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, Streamin
             info["config"] = json.dumps(dataclasses.asdict(self.config))
             info["runtime_handlers"] = json.dumps(self.containers.runtime_handlers())
             info["nri_plugins"] = json.dumps(self.containers.nri.describe())
+            info["checkpoint_restore"] = json.dumps(
+                (await self.containers.checkpoints.support()).report())
         return pb.StatusResponse(status=status, info=info)
 
     @rpc

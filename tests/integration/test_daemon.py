@@ -73,10 +73,6 @@ def test_verbose_status_carries_the_config(daemon: Daemon) -> None:
 
 def test_unbuilt_rpcs_answer_unimplemented_with_their_name(daemon: Daemon) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        daemon.runtime.CheckpointContainer(pb.CheckpointContainerRequest())
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "CheckpointContainer" in (info.value.details() or "")
-    with pytest.raises(grpc.RpcError) as info:
         list(daemon.runtime.StreamPodSandboxes(pb.StreamPodSandboxesRequest(), timeout=10))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "StreamPodSandboxes" in (info.value.details() or "")

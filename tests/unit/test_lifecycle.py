@@ -68,7 +68,7 @@ class FakeOci:
     async def create(self, container_id: str, bundle: Path, log_path: Path, *,
                      tty: bool = False, stdin: bool = False, stdin_once: bool = False,
                      log_size_max: int = -1, handler: str = "",
-                     cgroup_parent: str = "") -> int:
+                     cgroup_parent: str = "", restore_from: Path | None = None) -> int:
         self.handler(handler)
         self.calls.append(("create", container_id))
         assert (bundle / "config.json").is_file()
@@ -115,6 +115,9 @@ class FakeOci:
 
     async def pause(self, container_id: str) -> None:
         self.paused.add(container_id)
+
+    def runc_argv(self, *args: str, container_id: str | None = None) -> list[str]:
+        return ["runc", *args]
 
     async def resume(self, container_id: str) -> None:
         self.paused.discard(container_id)
@@ -195,6 +198,9 @@ class FakeLayers:
 
     def get(self, image_id: str) -> ImageRecord | None:
         return IMAGE if image_id == IMAGE.id else None
+
+    def read_blob(self, digest: str) -> bytes:
+        return b'{"schemaVersion": 2, "layers": []}'
 
 
 @dataclass

@@ -150,6 +150,9 @@ def test_info(tmp_path: Path) -> None:
             "default_id_mappings": {"uids": full, "gids": full},
             "runroot": world.config.runroot, "runtime": "/usr/sbin/runc",
             "runtime_root": str(world.oci.state_dir / "runc"), "version": __version__,
+            # The world's manager was not probed (the daemon probes criu at start).
+            "checkpoint_restore": {"available": False, "reason": "not probed", "criu": "",
+                                   "version": ""},
         }
 
     serve(tmp_path, scenario)
