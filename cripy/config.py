@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cripy.errors import InvalidArgumentError
+from cripy.image.pinning import validate_patterns
 
 
 class ConfigError(InvalidArgumentError):
@@ -58,6 +59,12 @@ class ImageConfig:
     allow_device_nodes: bool = _doc(
         "Whether image layers may create device nodes (refused with a clear error if not).",
         default=True,
+    )
+    pinned_images: list[str] = _doc(
+        "Images the kubelet's image garbage collection must leave alone (reported as "
+        "pinned): exact names, a trailing '*' (prefix glob), or '*' at both ends "
+        "(keyword).",
+        default_factory=list,
     )
 
 
@@ -108,6 +115,16 @@ class RuntimeConfig:
         "Largest a container log file may grow (bytes) before it is rotated; -1: no limit.",
         default=-1,
     )
+    enable_pod_events: bool = _doc(
+        "PodSandboxStatus reports the pod's container statuses and when they were taken, "
+        "as the kubelet's evented PLEG reads them (verbose requests always get them).",
+        default=True)
+    pod_cgroup_resources: bool = _doc(
+        "Write the pod-level resources (RunPodSandbox's overhead + resources, "
+        "UpdatePodSandboxResources) into the pod's own cgroup. Off: the kubelet sizes its "
+        "pod cgroups itself before it sends them (and its sum leaves out containers without "
+        "a limit), so they are only checked and recorded, as CRI-O and containerd do.",
+        default=False)
     handlers: dict[str, RuntimeHandlerConfig] = _doc(
         "The runtime handlers, one table each: [runtime.handlers.NAME]. Tables given in a "
         "file are added to (or replace) the built-in runc and crun ones.",
@@ -314,6 +331,10 @@ def validate(config: Config) -> Config:
         raise ConfigError("image.pull_concurrency: must be at least 1")
     if config.image.registry_timeout <= 0:
         raise ConfigError("image.registry_timeout: must be positive")
+    try:
+        validate_patterns(config.image.pinned_images)
+    except InvalidArgumentError as exc:
+        raise ConfigError(f"image.pinned_images: {exc}") from None
     _validate_runtime(config.runtime)
     if config.runtime.log_size_max != -1 and config.runtime.log_size_max < 8192:
         raise ConfigError("runtime.log_size_max: must be -1 or at least 8192")

@@ -77,6 +77,7 @@ class Daemon:
         self.sandboxes.containers = self.containers
         self.stats = StatsCollector(self.containers, self.sandboxes)
         self.images.layers_in_use = self.containers.layers_in_use
+        self.images.image_volume_users = self.containers.image_volume_users
         self.streaming = StreamingServer(
             config.streaming, RuntimeStreamBackend(self.containers, self.sandboxes, oci))
         self._stop = asyncio.Event()

@@ -20,14 +20,16 @@ from typing import Any, TypeVar
 
 from cripy.config import Config
 from cripy.crashpoints import crash_point
-from cripy.errors import IntegrityError, InvalidArgumentError
+from cripy.errors import FailedPreconditionError, IntegrityError, InvalidArgumentError
 from cripy.fsutil import remove_tree
 from cripy.image.layer import apply_layer
 from cripy.image.manifest import Descriptor
+from cripy.image.pinning import PinnedImages
 from cripy.image.reference import Reference, parse_reference
 from cripy.image.registry import Credentials, RegistryClient, Resolved
 from cripy.image.store import ImageRecord, ImageStore, LayerRecord, digest_hex
 from cripy.metrics import record_pull
+from cripy.oci.handlers import select
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class ImageManager:
         self._download_slots = asyncio.Semaphore(config.image.pull_concurrency)
         # Layers containers are built on; set by the daemon once containers exist.
         self.layers_in_use: Callable[[], frozenset[str]] = frozenset
+        self.pinned = PinnedImages(config.image.pinned_images)
+        # The containers mounting an image as an image volume; set by the daemon.
+        self.image_volume_users: Callable[[str], list[str]] = lambda image_id: []
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.load)
@@ -227,6 +232,17 @@ class ImageManager:
             config = self._configs[record.id] = json.loads(self.store.read_blob(record.id))
         return config
 
+    def is_pinned(self, record: ImageRecord) -> bool:
+        """Whether the kubelet's image GC must leave this image (`[image] pinned_images`)."""
+        return record.pinned or self.pinned.matches(record.repo_tags + record.repo_digests)
+
+    def check_runtime_handler(self, name: str) -> None:
+        """ImageSpec.runtime_handler must name a configured handler ("" is the default).
+
+        Every handler shares one image store, so the image is the same for all of them.
+        """
+        select(self.config.runtime.handlers, self.config.runtime.default_handler, name)
+
     def image_user(self, record: ImageRecord) -> ImageUser:
         return user_from_config(self.image_config(record))
 
@@ -235,6 +251,11 @@ class ImageManager:
         record = self.lookup(text)
         if record is None:
             return
+        users = self.image_volume_users(record.id)
+        if users:
+            raise FailedPreconditionError(
+                f"image {text!r} ({record.id}) is mounted as an image volume by container "
+                f"{', '.join(users)}: remove the container first")
         await asyncio.to_thread(self.store.delete_image, record.id)
         self._configs.pop(record.id, None)
         await self.collect_garbage()

@@ -276,7 +276,18 @@ class SystemdDriver:
                             fields.get("ActiveState", "inactive"))
         return states
 
-    async def _systemctl(self, *args: str) -> tuple[int, str]:
+    async def set_properties(self, unit: str, properties: list[str]) -> None:
+        """`systemctl set-property --runtime` (kept until reboot); raises on failure."""
+        errors: list[str] = []
+        rc, _ = await self._systemctl("set-property", "--runtime", "--", unit, *properties,
+                                      errors=errors)
+        if rc != 0:
+            raise FailedPreconditionError(
+                f"systemctl set-property {unit} {' '.join(properties)} failed: "
+                f"{''.join(errors) or f'exit status {rc}'}")
+
+    async def _systemctl(self, *args: str, errors: list[str] | None = None
+                         ) -> tuple[int, str]:
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.systemctl, *args, stdin=asyncio.subprocess.DEVNULL,
@@ -294,6 +305,8 @@ class SystemdDriver:
         if proc.returncode and args[0] != "reset-failed":
             log.warning("systemctl %s: %s", " ".join(args),
                         err.decode(errors="replace").strip())
+            if errors is not None:
+                errors.append(err.decode(errors="replace").strip())
         return proc.returncode or 0, out.decode(errors="replace")
 
 

@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cripy.config import RuntimeConfig
 from cripy.errors import FailedPreconditionError, InvalidArgumentError
@@ -23,6 +24,8 @@ from cripy.oci.cgroups import HostCgroups
 log = logging.getLogger(__name__)
 
 VERSION_TIMEOUT = 10.0
+
+H = TypeVar("H")
 
 
 @dataclass(frozen=True)
@@ -119,9 +122,9 @@ def probe_handlers(config: RuntimeConfig, state_dir: Path, host: HostCgroups
     return found
 
 
-def select(handlers: Mapping[str, RuntimeHandler], default: str, name: str
-           ) -> RuntimeHandler:
-    """The handler RunPodSandbox's runtime_handler names ("" is the default)."""
+def select(handlers: Mapping[str, H], default: str, name: str) -> H:
+    """The handler a runtime_handler field names ("" is the default): a RuntimeHandler,
+    or its config."""
     handler = handlers.get(name or default)
     if handler is None:
         raise InvalidArgumentError(

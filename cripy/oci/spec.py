@@ -511,7 +511,8 @@ def _check_propagation(host_path: str, propagation: int) -> None:
 
 def _cri_mount(m: pb.Mount) -> dict[str, Any]:
     if m.image.image or m.image.image_ref:
-        raise InvalidArgumentError(f"mount {m.container_path!r}: image volumes are not supported")
+        raise InvalidArgumentError(
+            f"mount {m.container_path!r}: image volumes are mounted before the spec is built")
     dest = clean_container_path(m.container_path, "mount container_path")
     if dest == "/":
         raise InvalidArgumentError("mount container_path '/' would replace the rootfs")

@@ -42,6 +42,7 @@ from cripy.runtime.store import (
     Sandbox,
     Store,
 )
+from cripy.storage import image_volume
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,10 @@ class ContainerManager:
     def in_sandbox(self, sandbox_id: str) -> list[Container]:
         return [c for c in self.store if c.sandbox_id == sandbox_id]
 
+    def listed_in(self, sandbox_id: str) -> list[Container]:
+        """The pod's containers as the CRI shows them: not those still being created."""
+        return [c for c in self.in_sandbox(sandbox_id) if c.state != CREATING]
+
     def bundle_dir(self, container_id: str) -> Path:
         """The OCI bundle (config.json, rootfs, conmon's sockets)."""
         return self._run_dir / container_id
@@ -147,6 +152,11 @@ class ContainerManager:
             used.update(self._layers_file(container.id))
         return frozenset(used)
 
+    def image_volume_users(self, image_id: str) -> list[str]:
+        """The containers (ID and name) that mount image `image_id` as an image volume."""
+        return [f"{c.id} ({c.name})" for c in self.store.all()
+                if image_id in image_volume.volume_images(c.config)]
+
     async def refresh(self, container: Container) -> Container:
         """Notice that a live container exited (conmon wrote its exit file)."""
         if not container.live:
@@ -178,7 +188,7 @@ class ContainerManager:
     def _publish(self, kind: str, container: Container) -> None:
         """Tell subscribers, with snapshots of the pod and all its containers."""
         sandbox = self.sandboxes.find(container.sandbox_id)
-        peers = [c for c in self.in_sandbox(container.sandbox_id) if c.state != CREATING]
+        peers = self.listed_in(container.sandbox_id)
         self.events.publish(Event(kind, container.id, container.sandbox_id, time.time_ns(),
                                   (sandbox, peers)))
 
@@ -207,6 +217,7 @@ class ContainerManager:
         image = self.images.lookup(config.image.image)
         if image is None:
             raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
+        config = image_volume.resolve_image_mounts(config, self.images.lookup)
         log_path = (str(validate_log_path(sandbox.config.log_directory, config.log_path))
                     if config.log_path else "")
         async with contextlib.AsyncExitStack() as held:
@@ -242,11 +253,29 @@ class ContainerManager:
         record_dir = self.store.object_dir(container.id)
         bundle = self.bundle_dir(container.id)
         rootfs = bundle / "rootfs"
-        # The layers are noted before the mount so image GC never removes them under us.
-        await asyncio.to_thread(atomic_write_json, record_dir / "layers.json", layers)
-        lowers = [f"{store.layer_dir(d).name}/diff" for d in reversed(layers)]
-        await self.host.mount_overlay(store.layers, lowers, record_dir / "upper",
+        # The layers (image volumes' too) are noted before the mount so image GC never
+        # removes them under us.
+        volume_images = {}
+        for image_id in image_volume.volume_images(container.config):
+            found = store.get(image_id)
+            if found is None:
+                raise NotFoundError(f"image {image_id} of an image volume was removed during "
+                                    "the create")
+            volume_images[image_id] = found
+        await asyncio.to_thread(atomic_write_json, record_dir / "layers.json",
+                                layers + [d for i in volume_images.values() for d in i.layers])
+
+        def lowers(diff_ids: list[str]) -> list[str]:  # topmost first, under store.layers
+            return [f"{store.layer_dir(d).name}/diff" for d in reversed(diff_ids)]
+
+        await self.host.mount_overlay(store.layers, lowers(layers), record_dir / "upper",
                                       record_dir / "work", rootfs)
+        volumes = []
+        for index, m in enumerate(container.config.mounts):
+            if image_volume.is_image_mount(m):
+                volumes.append(await image_volume.mount_image_volume(
+                    bundle, index, store.layers,
+                    lowers(volume_images[m.image.image_ref].layers), m))
         crash_point("create-container-after-mount")
         image = store.get(container.image_id)
         if image is None:
@@ -257,7 +286,8 @@ class ContainerManager:
             # The image config, the rootfs's passwd and group, mountinfo, /dev: all reads.
             image_config = self.images.image_config(image)
             spec = build_container_spec(
-                _effective_config(container.config, sandbox), sandbox.config, image_config,
+                _effective_config(image_volume.with_volume_binds(container.config, volumes),
+                                  sandbox), sandbox.config, image_config,
                 self.sandboxes.spec_context(sandbox, container.id, rootfs))
             cdi.inject(spec, container.config, self.config.cdi.spec_dirs)
             atomic_write_json(bundle / "config.json", spec)
@@ -362,6 +392,7 @@ class ContainerManager:
                         container_id[:12], exc)
         bundle = self.bundle_dir(container_id)
         await self.host.unmount(bundle / "rootfs")
+        await image_volume.unmount_volumes(bundle)
         await asyncio.to_thread(remove_tree, bundle)
         await self.store.delete(container_id)
 
@@ -451,7 +482,9 @@ class ContainerManager:
 
     async def recover(self) -> None:
         """Load the records; finish off containers a crash left half made; notice exits."""
-        for loaded in await self.store.load():
+        loaded_records = await self.store.load()
+        await image_volume.unmount_orphans(self._run_dir, {r.id for r in loaded_records})
+        for loaded in loaded_records:
             container = loaded.obj
             if container is None:
                 await self._destroy_leftover(loaded.id)
@@ -479,6 +512,7 @@ class ContainerManager:
     async def _destroy_leftover(self, container_id: str) -> None:
         await self.oci.delete(container_id)
         await self.host.unmount(self.bundle_dir(container_id) / "rootfs")
+        await image_volume.unmount_volumes(self.bundle_dir(container_id))
         await asyncio.to_thread(remove_tree, self.bundle_dir(container_id))
         await asyncio.to_thread(remove_tree, self.store.object_dir(container_id))
 

@@ -31,6 +31,7 @@ from cripy.fsutil import atomic_write_json, remove_tree
 from cripy.network.cni import PortMapping
 from cripy.oci.apparmor import AppArmorHost
 from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
+from cripy.runtime import pod_resources
 from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
 from cripy.runtime.podfiles import pod_hostname, write_pod_files
@@ -100,6 +101,7 @@ class SandboxManager:
 
     async def run(self, config: pb.PodSandboxConfig, runtime_handler: str) -> Sandbox:
         _validate(config)
+        pod_resources.pod_limits(config.linux.resources, config.linux.overhead)
         self.oci.handler(runtime_handler)  # known, and usable on this host
         self.oci.cgroups.parent(config.linux.cgroup_parent)  # suits the cgroup driver
         sandbox = await self.store.add(Sandbox(
@@ -123,6 +125,7 @@ class SandboxManager:
         (the pinned namespaces are recorded at once, so a crash can give them back)."""
         config, options = sandbox.config, sandbox.options
         pod_dir = self.pod_dir(sandbox.id)
+        await pod_resources.apply(self, sandbox, config.linux.resources, config.linux.overhead)
         await asyncio.to_thread(_make_dirs, pod_dir, config.log_directory)
         hostname = pod_hostname(config, socket.gethostname())
         kinds = []
@@ -265,7 +268,7 @@ class SandboxManager:
 
     def _publish(self, kind: str, sandbox: Sandbox) -> None:
         """Pod events carry the sandbox ID as the container ID, as other runtimes do."""
-        peers = self.containers.in_sandbox(sandbox.id)
+        peers = self.containers.listed_in(sandbox.id)
         self.events.publish(Event(kind, sandbox.id, sandbox.id, time.time_ns(),
                                   (sandbox, peers)))
 

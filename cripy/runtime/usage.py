@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import InvalidArgumentError
+from cripy.runtime.cgroup_metrics import ExtraStats, read_extra_stats
 from cripy.runtime.stats import (
     CgroupStats,
     CpuRates,
@@ -75,6 +76,7 @@ class ContainerSample:
     layer: LayerUsage
     fs: os.statvfs_result | None = None
     cpu_rate: int | None = None  # usage_nano_cores, once two samples are far enough apart
+    extra: ExtraStats | None = None  # what only the metrics need (with_fs_info)
 
 
 @dataclass
@@ -141,6 +143,8 @@ def sample_container(ref: ContainerRef, with_fs_info: bool = False) -> Container
             sample.fs = os.statvfs(ref.mountpoint)
         except OSError:
             sample.fs = None
+        if stats is not None and ref.cgroup:
+            sample.extra = read_extra_stats(ref.cgroup)
     return sample
 
 

@@ -34,6 +34,7 @@ class ImageServicer(api_pb2_grpc.ImageServiceServicer):
             identity_token=auth.identity_token,
             registry_token=auth.registry_token,
         )
+        self.images.check_runtime_handler(request.image.runtime_handler)
         record = await self.images.pull(request.image.image, creds)
         return pb.PullImageResponse(image_ref=record.id)
 
@@ -41,6 +42,7 @@ class ImageServicer(api_pb2_grpc.ImageServiceServicer):
     async def ListImages(
         self, request: pb.ListImagesRequest, context: Context
     ) -> pb.ListImagesResponse:
+        self.images.check_runtime_handler(request.filter.image.runtime_handler)
         records = self.images.list(request.filter.image.image)
         return pb.ListImagesResponse(images=[self._image(r) for r in records])
 
@@ -48,6 +50,7 @@ class ImageServicer(api_pb2_grpc.ImageServiceServicer):
     async def ImageStatus(
         self, request: pb.ImageStatusRequest, context: Context
     ) -> pb.ImageStatusResponse:
+        self.images.check_runtime_handler(request.image.runtime_handler)
         record = self.images.lookup(request.image.image)
         if record is None:  # the CRI answers an absent image with an empty response
             return pb.ImageStatusResponse()
@@ -67,6 +70,7 @@ class ImageServicer(api_pb2_grpc.ImageServiceServicer):
     async def RemoveImage(
         self, request: pb.RemoveImageRequest, context: Context
     ) -> pb.RemoveImageResponse:
+        self.images.check_runtime_handler(request.image.runtime_handler)
         await self.images.remove(request.image.image)
         return pb.RemoveImageResponse()
 
@@ -95,5 +99,5 @@ class ImageServicer(api_pb2_grpc.ImageServiceServicer):
             uid=pb.Int64Value(value=user.uid) if user.uid is not None else None,
             username=user.username,
             spec=pb.ImageSpec(image=record.id),
-            pinned=record.pinned,
+            pinned=self.images.is_pinned(record),
         )

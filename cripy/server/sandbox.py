@@ -8,8 +8,10 @@ import time
 from google.protobuf.json_format import MessageToDict
 
 from cripy.api import api_pb2 as pb
+from cripy.runtime import pod_resources
 from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.store import PodState, Sandbox
+from cripy.server.container import container_status
 from cripy.server.rpc import Context, rpc
 
 
@@ -76,7 +78,22 @@ class SandboxRpcs:
                 "namespaces": dict(sandbox.namespaces),
                 "config": MessageToDict(config),
             })
-        return pb.PodSandboxStatusResponse(status=status, info=info, timestamp=time.time_ns())
+        response = pb.PodSandboxStatusResponse(status=status, info=info)
+        if request.verbose or self.sandboxes.config.runtime.enable_pod_events:
+            # Both or neither: a timestamp without statuses tells the kubelet's evented
+            # PLEG that the pod has no containers. Taken together, from memory.
+            response.timestamp = time.time_ns()
+            response.containers_statuses.extend(
+                container_status(c) for c in self.sandboxes.containers.listed_in(sandbox.id))
+        return response
+
+    @rpc
+    async def UpdatePodSandboxResources(
+        self, request: pb.UpdatePodSandboxResourcesRequest, context: Context
+    ) -> pb.UpdatePodSandboxResourcesResponse:
+        await pod_resources.update(self.sandboxes, request.pod_sandbox_id, request.overhead,
+                                   request.resources)
+        return pb.UpdatePodSandboxResourcesResponse()
 
     @rpc
     async def ListPodSandbox(

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from cripy.api import api_pb2 as pb
 from cripy.runtime.stats import CgroupStats, InterfaceStats, Pressure, PressureLine
 from cripy.runtime.usage import ContainerSample, PodSample, StatsCollector
+from cripy.server.cadvisor import METRICS, pod_metrics
+from cripy.server.cadvisor import u64 as _u64
 from cripy.server.rpc import Context, rpc
 
 log = logging.getLogger(__name__)
@@ -19,10 +19,6 @@ DEFAULT_INTERFACE = "eth0"  # what CNI is asked to name the pod's interface
 
 
 # --- CRI messages -------------------------------------------------------------------------
-
-
-def _u64(value: int) -> pb.UInt64Value:
-    return pb.UInt64Value(value=max(value, 0))
 
 
 def _psi_data(line: PressureLine) -> pb.PsiData:
@@ -118,162 +114,6 @@ def _pod_stats(sample: PodSample) -> pb.PodSandboxStats:
     return pb.PodSandboxStats(attributes=ref.attributes, linux=linux)
 
 
-# --- metrics ------------------------------------------------------------------------------
-
-# cadvisor's labels as the kubelet's /metrics/cadvisor shows them.
-BASE_LABELS = ("container", "id", "image", "name", "namespace", "pod")
-COUNTER, GAUGE = pb.COUNTER, pb.GAUGE
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    name: str
-    help: str
-    kind: pb.MetricType
-    extra_labels: tuple[str, ...] = ()
-
-    @property
-    def descriptor(self) -> pb.MetricDescriptor:
-        return pb.MetricDescriptor(name=self.name, help=self.help,
-                                   label_keys=[*BASE_LABELS, *self.extra_labels])
-
-
-_NET = ("interface",)
-METRICS: dict[str, MetricSpec] = {m.name: m for m in (
-    MetricSpec("container_cpu_usage_seconds_total",
-               "Cumulative cpu time consumed in seconds.", COUNTER, ("cpu",)),
-    MetricSpec("container_cpu_user_seconds_total",
-               "Cumulative user cpu time consumed in seconds.", COUNTER),
-    MetricSpec("container_cpu_system_seconds_total",
-               "Cumulative system cpu time consumed in seconds.", COUNTER),
-    MetricSpec("container_memory_usage_bytes",
-               "Current memory usage in bytes, including all memory regardless of when it "
-               "was accessed.", GAUGE),
-    MetricSpec("container_memory_working_set_bytes", "Current working set in bytes.", GAUGE),
-    MetricSpec("container_memory_rss", "Size of RSS in bytes.", GAUGE),
-    MetricSpec("container_memory_cache", "Number of bytes of page cache memory.", GAUGE),
-    MetricSpec("container_memory_swap", "Container swap usage in bytes.", GAUGE),
-    MetricSpec("container_memory_failures_total",
-               "Cumulative count of memory allocation failures.", COUNTER,
-               ("failure_type", "scope")),
-    MetricSpec("container_oom_events_total",
-               "Count of out of memory events observed for the container.", COUNTER),
-    MetricSpec("container_processes", "Number of processes running inside the container.",
-               GAUGE),
-    MetricSpec("container_threads", "Number of threads running inside the container.",
-               GAUGE),
-    MetricSpec("container_fs_usage_bytes",
-               "Number of bytes that are consumed by the container on this filesystem.",
-               GAUGE),
-    MetricSpec("container_fs_limit_bytes",
-               "Number of bytes that can be consumed by the container on this filesystem.",
-               GAUGE),
-    MetricSpec("container_fs_inodes_total", "Number of inodes.", GAUGE),
-    MetricSpec("container_fs_inodes_free", "Number of available inodes.", GAUGE),
-    MetricSpec("container_spec_memory_limit_bytes", "Memory limit for the container.", GAUGE),
-    MetricSpec("container_spec_cpu_shares", "CPU share of the container.", GAUGE),
-    MetricSpec("container_spec_cpu_quota", "CPU quota of the container.", GAUGE),
-    MetricSpec("container_spec_cpu_period", "CPU period of the container.", GAUGE),
-    MetricSpec("container_start_time_seconds",
-               "Start time of the container since unix epoch in seconds.", GAUGE),
-    MetricSpec("container_last_seen", "Last time a container was seen by the exporter.", GAUGE),
-    MetricSpec("container_network_receive_bytes_total",
-               "Cumulative count of bytes received.", COUNTER, _NET),
-    MetricSpec("container_network_receive_packets_total",
-               "Cumulative count of packets received.", COUNTER, _NET),
-    MetricSpec("container_network_receive_packets_dropped_total",
-               "Cumulative count of packets dropped while receiving.", COUNTER, _NET),
-    MetricSpec("container_network_receive_errors_total",
-               "Cumulative count of errors encountered while receiving.", COUNTER, _NET),
-    MetricSpec("container_network_transmit_bytes_total",
-               "Cumulative count of bytes transmitted.", COUNTER, _NET),
-    MetricSpec("container_network_transmit_packets_total",
-               "Cumulative count of packets transmitted.", COUNTER, _NET),
-    MetricSpec("container_network_transmit_packets_dropped_total",
-               "Cumulative count of packets dropped while transmitting.", COUNTER, _NET),
-    MetricSpec("container_network_transmit_errors_total",
-               "Cumulative count of errors encountered while transmitting.", COUNTER, _NET),
-)}
-
-_NETWORK_FIELDS: tuple[tuple[str, Callable[[InterfaceStats], int]], ...] = (
-    ("container_network_receive_bytes_total", lambda i: i.rx_bytes),
-    ("container_network_receive_packets_total", lambda i: i.rx_packets),
-    ("container_network_receive_packets_dropped_total", lambda i: i.rx_dropped),
-    ("container_network_receive_errors_total", lambda i: i.rx_errors),
-    ("container_network_transmit_bytes_total", lambda i: i.tx_bytes),
-    ("container_network_transmit_packets_total", lambda i: i.tx_packets),
-    ("container_network_transmit_packets_dropped_total", lambda i: i.tx_dropped),
-    ("container_network_transmit_errors_total", lambda i: i.tx_errors),
-)
-
-
-class _Metrics:
-    """Collects Metric messages for one object, checking names and label counts."""
-
-    def __init__(self, labels: tuple[str, ...]) -> None:
-        self.labels = labels
-        self.items: list[pb.Metric] = []
-
-    def add(self, name: str, value: int, timestamp: int, *extra: str) -> None:
-        spec = METRICS[name]
-        assert len(extra) == len(spec.extra_labels), name
-        self.items.append(pb.Metric(name=name, timestamp=timestamp, metric_type=spec.kind,
-                                    label_values=[*self.labels, *extra], value=_u64(value)))
-
-
-def _container_metrics(sample: ContainerSample, now: int) -> pb.ContainerMetrics:
-    ref, stats, layer = sample.ref, sample.cgroup, sample.layer
-    m = _Metrics(ref.labels)
-    if stats is not None:
-        ts = stats.timestamp_ns
-        m.add("container_cpu_usage_seconds_total", stats.cpu_usage_ns // 10**9, ts, "total")
-        m.add("container_cpu_user_seconds_total", stats.cpu_user_ns // 10**9, ts)
-        m.add("container_cpu_system_seconds_total", stats.cpu_system_ns // 10**9, ts)
-        m.add("container_memory_usage_bytes", stats.memory_usage, ts)
-        m.add("container_memory_working_set_bytes", stats.memory_working_set, ts)
-        m.add("container_memory_rss", stats.memory_rss, ts)
-        m.add("container_memory_cache", stats.memory_cache, ts)
-        if stats.swap_usage is not None:
-            m.add("container_memory_swap", stats.swap_usage, ts)
-        for kind, value in (("pgfault", stats.page_faults),
-                            ("pgmajfault", stats.major_page_faults)):
-            for scope in ("container", "hierarchy"):
-                m.add("container_memory_failures_total", value, ts, kind, scope)
-        m.add("container_oom_events_total", stats.oom_kills, ts)
-        m.add("container_processes", stats.processes, ts)
-        m.add("container_threads", stats.pids, ts)
-    m.add("container_fs_usage_bytes", layer.used_bytes, layer.timestamp_ns)
-    if sample.fs is not None:
-        fs = sample.fs
-        m.add("container_fs_limit_bytes", fs.f_blocks * fs.f_frsize, now)
-        m.add("container_fs_inodes_total", fs.f_files, now)
-        m.add("container_fs_inodes_free", fs.f_ffree, now)
-    res = ref.resources
-    m.add("container_spec_memory_limit_bytes", res.memory_limit_in_bytes, now)
-    m.add("container_spec_cpu_shares", res.cpu_shares, now)
-    m.add("container_spec_cpu_quota", res.cpu_quota, now)
-    m.add("container_spec_cpu_period", res.cpu_period, now)
-    if ref.started_at:
-        m.add("container_start_time_seconds", ref.started_at // 10**9, now)
-    m.add("container_last_seen", now // 10**9, now)
-    return pb.ContainerMetrics(container_id=ref.id, metrics=m.items)
-
-
-def _pod_metrics(sample: PodSample) -> pb.PodSandboxMetrics:
-    now = time.time_ns()
-    m = _Metrics(sample.ref.labels)
-    for name, stats in sorted((sample.network or {}).items()):
-        if name == "lo":  # cadvisor leaves loopback out too
-            continue
-        for metric, value in _NETWORK_FIELDS:
-            m.add(metric, value(stats), sample.network_ts, name)
-    return pb.PodSandboxMetrics(
-        pod_sandbox_id=sample.ref.id, metrics=m.items,
-        # cadvisor shows only live containers: those with a cgroup
-        container_metrics=[_container_metrics(c, now) for c in sample.containers
-                           if c.cgroup is not None])
-
-
 # --- the RPCs -----------------------------------------------------------------------------
 
 
@@ -324,7 +164,7 @@ class StatsRpcs:
         self, request: pb.ListPodSandboxMetricsRequest, context: Context
     ) -> pb.ListPodSandboxMetricsResponse:
         samples = await self.stats.pods_matching(None, with_fs_info=True)
-        return pb.ListPodSandboxMetricsResponse(pod_metrics=[_pod_metrics(s) for s in samples])
+        return pb.ListPodSandboxMetricsResponse(pod_metrics=[pod_metrics(s) for s in samples])
 
 
 # --- ImageFsInfo --------------------------------------------------------------------------

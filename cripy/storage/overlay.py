@@ -27,7 +27,30 @@ async def mount_overlay(layers_root: Path, lowers: list[str], upper: Path, work:
         empty = upper.parent / "empty-lower"
         empty.mkdir(exist_ok=True)
         lowers, layers_root = [empty.name], upper.parent
-    options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    await _mount_layers(layers_root, lowers,
+                        f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}", target)
+
+
+async def mount_readonly_overlay(layers_root: Path, lowers: list[str], target: Path,
+                                 empty: Path) -> None:
+    """Mount `lowers` (under `layers_root`, topmost first) read-only at `target`.
+
+    Without an upper layer overlayfs wants two lower layers at least: `empty` (made here,
+    an empty directory) fills in for missing ones.
+    """
+    padding = [empty / str(i) for i in range(max(0, 2 - len(lowers)))]
+
+    def make_dirs() -> None:
+        for directory in [target, *padding]:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    await asyncio.to_thread(make_dirs)
+    lowers = lowers + [str(p) for p in padding]
+    await _mount_layers(layers_root, lowers, f"ro,lowerdir={':'.join(lowers)}", target)
+
+
+async def _mount_layers(layers_root: Path, lowers: list[str], options: str,
+                        target: Path) -> None:
     if len(options) > MAX_MOUNT_OPTIONS:
         raise FailedPreconditionError(
             f"image has too many layers ({len(lowers)}) to mount as one overlay"

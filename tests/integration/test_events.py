@@ -6,13 +6,15 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from cripy.api import api_pb2 as pb
 from cripy.api import api_pb2_grpc
-from tests.support.pods import Pods
+from tests.support.daemon import Daemon
+from tests.support.pods import Pods, pod_config
 
 NAMES = {pb.CONTAINER_CREATED_EVENT: "created", pb.CONTAINER_STARTED_EVENT: "started",
          pb.CONTAINER_STOPPED_EVENT: "stopped", pb.CONTAINER_DELETED_EVENT: "deleted"}
@@ -117,3 +119,80 @@ def test_a_subscriber_that_never_reads_does_not_slow_the_daemon(pods: Pods) -> N
         stream.cancel()
         stalled.close()
         reader.close()
+
+
+# --- the evented PLEG: statuses in PodSandboxStatus and in the events ----------------------
+
+
+def next_event(sub: Subscriber, object_id: str,
+               kind: pb.ContainerEventType) -> pb.ContainerEventResponse:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            event = sub.events.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if event.container_id == object_id and event.container_event_type == kind:
+            return event
+    raise AssertionError(f"no {NAMES[kind]} event for {object_id}")
+
+
+def states(statuses: Any) -> dict[str, int]:
+    return {s.id: s.state for s in statuses}
+
+
+def test_pod_status_and_events_carry_every_container_status(pods: Pods) -> None:
+    (sub,) = subscribers(pods, 1)
+    try:
+        pod_id = pods.run("pleg")
+        empty = pods.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+        assert empty.timestamp > 0 and list(empty.containers_statuses) == []  # truly none
+
+        sleeper = pods.create(pod_id, "sleeper", ["sleep", "300"])
+        quitter = pods.create(pod_id, "quitter", ["sh", "-c", "exit 3"])
+        stopped = next_event(sub, quitter, pb.CONTAINER_STOPPED_EVENT)
+        # The event carries the whole pod, so the kubelet's cache keeps the sleeper.
+        assert stopped.pod_sandbox_status.id == pod_id
+        assert states(stopped.containers_statuses) == {
+            sleeper: pb.CONTAINER_RUNNING, quitter: pb.CONTAINER_EXITED}
+
+        status = pods.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+        assert states(status.containers_statuses) == {
+            sleeper: pb.CONTAINER_RUNNING, quitter: pb.CONTAINER_EXITED}
+        (quit_status,) = [s for s in status.containers_statuses if s.id == quitter]
+        assert quit_status.exit_code == 3 and quit_status.metadata.name == "quitter"
+        assert empty.timestamp < stopped.created_at <= status.timestamp
+
+        # Later events are newer than the status the kubelet cached.
+        pods.runtime.StopContainer(pb.StopContainerRequest(container_id=sleeper, timeout=0))
+        later = next_event(sub, sleeper, pb.CONTAINER_STOPPED_EVENT)
+        assert later.created_at > status.timestamp
+        assert set(states(later.containers_statuses).values()) == {pb.CONTAINER_EXITED}
+        pods.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=quitter))
+        deleted = next_event(sub, quitter, pb.CONTAINER_DELETED_EVENT)
+        assert list(states(deleted.containers_statuses)) == [sleeper]
+        verbose = pods.runtime.PodSandboxStatus(
+            pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+        assert list(states(verbose.containers_statuses)) == [sleeper]
+        assert verbose.timestamp > later.created_at and "info" in verbose.info
+    finally:
+        sub.close()
+
+
+def test_without_pod_events_only_verbose_status_has_statuses(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "daemon", extra_config="[runtime]\nenable_pod_events = false\n")
+    with daemon:
+        config = pod_config("quiet", tmp_path / "logs", network=pb.NODE)
+        pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config),
+                                              timeout=60).pod_sandbox_id
+        try:
+            plain = daemon.runtime.PodSandboxStatus(
+                pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+            assert plain.status.id == pod_id
+            assert plain.timestamp == 0  # the kubelet lists the containers itself then
+            verbose = daemon.runtime.PodSandboxStatus(
+                pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+            assert verbose.timestamp > 0 and list(verbose.containers_statuses) == []
+        finally:
+            daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+            daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))

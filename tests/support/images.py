@@ -107,6 +107,7 @@ __all__ = [
     "push_multilayer_whiteouts",
     "push_two_platform_index",
     "push_uncompressed",
+    "push_volume_data",
     "push_with_user",
     "push_with_username",
     "push_zstd",
@@ -725,6 +726,23 @@ def push_multilayer_whiteouts(
         [Layer(_busybox_layer()), Layer(layer2), Layer(layer3)],
         ImageConfig(cmd=["sh"], labels={"cripy.test": "multilayer"}),
     )
+    return push_image(registry, repo, tag, spec)
+
+
+def push_volume_data(registry: RegistryLike, repo: str = "volume-data",
+                     tag: str = "v1") -> PushedImage:
+    """A data image (no binaries) for image volumes, two layers.
+
+    Expected tree: /data/web/index.html ("v2\\n", the upper layer wins), no
+    /data/web/old.txt (whited out), /data/conf/app.conf ("answer=42\\n"), /current ->
+    /data/web (absolute link, meant inside the image), /escape -> ../../../.. (leads
+    out), /readme ("volume\\n").
+    """
+    lower = files_layer({"data/web/index.html": b"v1\n", "data/web/old.txt": b"old\n",
+                         "data/conf/app.conf": b"answer=42\n", "readme": b"volume\n"})
+    upper = files_layer({"data/web/index.html": b"v2\n"}, whiteouts=["data/web/old.txt"],
+                        symlinks={"current": "/data/web", "escape": "../../../.."})
+    spec = ImageSpec([Layer(lower), Layer(upper)], ImageConfig(cmd=None))
     return push_image(registry, repo, tag, spec)
 
 

@@ -53,7 +53,10 @@ def pod_config(name: str, log_dir: Path, *, cgroup_parent: str = "",
                network: pb.NamespaceMode = pb.POD,
                ipc: pb.NamespaceMode = pb.POD,
                port_mappings: list[pb.PortMapping] | None = None,
-               labels: dict[str, str] | None = None) -> pb.PodSandboxConfig:
+               labels: dict[str, str] | None = None,
+               resources: pb.LinuxContainerResources | None = None,
+               overhead: pb.LinuxContainerResources | None = None) -> pb.PodSandboxConfig:
+    """`resources` and `overhead`: the pod-level ones (LinuxPodSandboxConfig)."""
     return pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name=name, namespace="cripy-test",
                                        uid=secrets.token_hex(8), attempt=0),
@@ -65,6 +68,7 @@ def pod_config(name: str, log_dir: Path, *, cgroup_parent: str = "",
             cgroup_parent=cgroup_parent,
             security_context=pb.LinuxSandboxSecurityContext(
                 namespace_options=pb.NamespaceOption(network=network, pid=pid, ipc=ipc)),
+            resources=resources, overhead=overhead,
         ),
     )
 

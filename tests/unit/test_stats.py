@@ -34,6 +34,7 @@ from cripy.runtime.stats import (
     read_cgroup_stats,
     read_net_dev,
 )
+from cripy.server import cadvisor
 from cripy.server import stats as server_stats
 
 CGROUP = "/kubepods/pod1234/cripy-abc"
@@ -495,17 +496,17 @@ def test_pod_stats_message_and_metrics_follow_the_descriptors() -> None:
     assert [c.attributes.id for c in linux.containers] == ["c" * 64]
 
     descriptors = {d.name: list(d.label_keys) for d in (
-        m.descriptor for m in server_stats.METRICS.values())}
+        m.descriptor for m in cadvisor.METRICS.values())}
     for name in ("container_cpu_usage_seconds_total", "container_memory_working_set_bytes",
                  "container_memory_rss", "container_memory_usage_bytes",
                  "container_network_receive_bytes_total",
                  "container_network_transmit_bytes_total", "container_fs_usage_bytes",
                  "container_threads", "container_processes"):
         assert name in descriptors
-    assert descriptors["container_memory_rss"] == list(server_stats.BASE_LABELS)
+    assert descriptors["container_memory_rss"] == list(cadvisor.BASE_LABELS)
     assert descriptors["container_network_receive_bytes_total"][-1] == "interface"
 
-    metrics = server_stats._pod_metrics(pod)
+    metrics = cadvisor.pod_metrics(pod)
     everything = [*metrics.metrics, *metrics.container_metrics[0].metrics]
     for metric in everything:
         assert len(metric.label_values) == len(descriptors[metric.name]), metric.name

@@ -187,7 +187,8 @@ class GuestNode(Node):
 
 
 def daemon_config(driver: str) -> str:
-    return f'[runtime]\ncgroup_manager = "{driver}"\n'
+    # pod_cgroup_resources: the pod-level resources checks see them in the pod cgroups
+    return f'[runtime]\ncgroup_manager = "{driver}"\npod_cgroup_resources = true\n'
 
 
 @dataclass
