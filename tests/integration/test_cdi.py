@@ -59,27 +59,24 @@ def write_spec(node: Node) -> Iterator[WriteSpec]:
             path.unlink(missing_ok=True)
 
 
-def create(pods: Pods, devices: list[str], annotations: dict[str, str] | None = None,
-           **linux: Any) -> str:
-    pod_id = pods.run()
-    config = container_config("cdi", pods.node.image, ["sleep", "300"], **linux)
+def cdi_config(pods: Pods, devices: list[str],
+               annotations: dict[str, str] | None = None) -> pb.ContainerConfig:
+    config = container_config("cdi", pods.node.image, ["sleep", "300"])
     config.CDI_devices.extend(pb.CDIDevice(name=d) for d in devices)
     config.annotations.update(annotations or {})
-    cid: str = pods.runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=pod_id, config=config, sandbox_config=pods.config(pod_id)),
-        timeout=60).container_id
-    pods.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-    return cid
+    return config
+
+
+def create(pods: Pods, devices: list[str], annotations: dict[str, str] | None = None) -> str:
+    return pods.create_from(pods.run(), cdi_config(pods, devices, annotations))
 
 
 def create_error(pods: Pods, devices: list[str],
                  annotations: dict[str, str] | None = None) -> grpc.RpcError:
     pod_id = pods.run()
-    config = container_config("cdi", pods.node.image, ["sleep", "300"])
-    config.CDI_devices.extend(pb.CDIDevice(name=d) for d in devices)
-    config.annotations.update(annotations or {})
     return rpc_error(pods.runtime.CreateContainer, pb.CreateContainerRequest(
-        pod_sandbox_id=pod_id, config=config, sandbox_config=pods.config(pod_id)))
+        pod_sandbox_id=pod_id, config=cdi_config(pods, devices, annotations),
+        sandbox_config=pods.config(pod_id)))
 
 
 def out(pods: Pods, cid: str, *cmd: str) -> str:

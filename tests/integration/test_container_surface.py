@@ -33,14 +33,6 @@ def quit_image(node: Node, registry: Registry) -> str:
     return pushed.ref
 
 
-def create(pods: Pods, pod_id: str, config: pb.ContainerConfig) -> str:
-    cid: str = pods.runtime.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=pod_id, config=config, sandbox_config=pods.config(pod_id)),
-        timeout=60).container_id
-    pods.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-    return cid
-
-
 def stopped_by(pods: Pods, cid: str) -> int:
     """Stop the container (long grace period) and return its exit code."""
     time.sleep(0.5)  # the traps are set
@@ -54,7 +46,7 @@ def stopped_by(pods: Pods, cid: str) -> int:
 
 
 def test_the_image_stop_signal_is_used_and_reported(pods: Pods, quit_image: str) -> None:
-    cid = create(pods, pods.run(), container_config("quit", quit_image, ["sh", "-c", TRAPS]))
+    cid = pods.create_from(pods.run(), container_config("quit", quit_image, ["sh", "-c", TRAPS]))
     assert pods.status(cid).status.stop_signal == pb.SIGQUIT
     assert stopped_by(pods, cid) == 3
     assert pods.status(cid).status.stop_signal == pb.SIGQUIT
@@ -63,7 +55,7 @@ def test_the_image_stop_signal_is_used_and_reported(pods: Pods, quit_image: str)
 def test_the_config_stop_signal_overrides_the_image(pods: Pods, quit_image: str) -> None:
     config = container_config("usr1", quit_image, ["sh", "-c", TRAPS])
     config.stop_signal = pb.SIGUSR1
-    cid = create(pods, pods.run(), config)
+    cid = pods.create_from(pods.run(), config)
     assert pods.status(cid).status.stop_signal == pb.SIGUSR1
     assert stopped_by(pods, cid) == 10
 

@@ -169,6 +169,11 @@ class Pods:
     def create(self, pod_id: str, name: str, command: list[str], *, start: bool = True,
                **kwargs: Any) -> str:
         config = container_config(name, self.node.image, command, **kwargs)
+        return self.create_from(pod_id, config, start=start)
+
+    def create_from(self, pod_id: str, config: pb.ContainerConfig, *,
+                    start: bool = True) -> str:
+        """A container of the pod made from a whole config (and started)."""
         cid: str = self.runtime.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=config, sandbox_config=self.config(pod_id)),
             timeout=60).container_id
