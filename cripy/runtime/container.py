@@ -27,10 +27,13 @@ from cripy.errors import (
     UnavailableError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
+from cripy.oci.handlers import RuntimeHandler
 from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
+from cripy.oci.userns import sandbox_userns
 from cripy.runtime.events import CREATED as CREATED_EVENT
 from cripy.runtime.events import DELETED, STARTED, STOPPED, Event, EventBus
+from cripy.runtime.idmapped import mount_idmapped_rootfs
 from cripy.runtime.locks import LockTable
 from cripy.runtime.ports import HOST, Host, Images, OciDriver
 from cripy.runtime.sandbox import READY, SandboxManager
@@ -115,9 +118,16 @@ class ContainerManager:
             return Path(container.log_path)
         return self.bundle_dir(container.id) / "console.log"
 
-    def runtime_handlers(self) -> list[dict[str, str | bool]]:
+    def runtime_handlers(self) -> list[dict[str, object]]:
         """The configured runtime handlers as probed at start (from memory)."""
         return [h.report() for h in self.oci.handlers.values()]
+
+    def handlers(self) -> list[RuntimeHandler]:
+        return list(self.oci.handlers.values())
+
+    def default_handler(self) -> RuntimeHandler | None:
+        """The handler pods get without a runtime_handler, as probed at start."""
+        return self.oci.handlers.get(self.config.runtime.default_handler)
 
     @property
     def layers_root(self) -> Path:
@@ -244,8 +254,13 @@ class ContainerManager:
         # The layers are noted before the mount so image GC never removes them under us.
         await asyncio.to_thread(atomic_write_json, record_dir / "layers.json", layers)
         lowers = [f"{store.layer_dir(d).name}/diff" for d in reversed(layers)]
-        await self.host.mount_overlay(store.layers, lowers, record_dir / "upper",
-                                      record_dir / "work", rootfs)
+        userns = sandbox_userns(sandbox.config, sandbox.namespaces)
+        if userns is None:
+            await self.host.mount_overlay(store.layers, lowers, record_dir / "upper",
+                                          record_dir / "work", rootfs)
+        else:
+            await mount_idmapped_rootfs(self.host, userns, store.layers, lowers, record_dir,
+                                        rootfs)
         crash_point("create-container-after-mount")
         image = store.get(container.image_id)
         if image is None:

@@ -31,6 +31,7 @@ from cripy.fsutil import atomic_write_json, remove_tree
 from cripy.network.cni import PortMapping
 from cripy.oci.apparmor import AppArmorHost
 from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
+from cripy.oci.userns import check_handler, pod_userns, sandbox_userns
 from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
 from cripy.runtime.podfiles import pod_hostname, write_pod_files
@@ -100,7 +101,10 @@ class SandboxManager:
 
     async def run(self, config: pb.PodSandboxConfig, runtime_handler: str) -> Sandbox:
         _validate(config)
-        self.oci.handler(runtime_handler)  # known, and usable on this host
+        handler = self.oci.handler(runtime_handler)  # known, and usable on this host
+        userns = pod_userns(config)
+        check_handler(userns, handler.name, handler.features.user_namespaces.supported,
+                      handler.features.user_namespaces.reason)
         self.oci.cgroups.parent(config.linux.cgroup_parent)  # suits the cgroup driver
         sandbox = await self.store.add(Sandbox(
             id=secrets.token_hex(32), config=config, runtime_handler=runtime_handler,
@@ -130,9 +134,11 @@ class SandboxManager:
             kinds += ["net", "uts"]
         if options.ipc != pb.NODE:
             kinds.append("ipc")
+        userns = pod_userns(config)
         if kinds:
             pinned = await self.host.pin_namespaces(pod_dir / "ns", kinds,
-                                          hostname if "uts" in kinds else None)
+                                          hostname if "uts" in kinds else None,
+                                          **({"userns": userns} if userns else {}))
             sandbox = await self.store.set(
                 sandbox.id, namespaces={kind: str(path) for kind, path in pinned.items()})
             crash_point("run-pod-after-namespaces")
@@ -186,6 +192,7 @@ class SandboxManager:
     def spec_context(self, sandbox: Sandbox, container_id: str, rootfs: Path) -> SpecContext:
         """What the OCI spec of a container in `sandbox` needs (reads /proc: blocks)."""
         pod_dir = self.pod_dir(sandbox.id)
+        handler = self.oci.handler(sandbox.runtime_handler)
         return SpecContext(
             container_id=container_id,
             sandbox_id=sandbox.id,
@@ -202,6 +209,9 @@ class SandboxManager:
             cgroups=self.oci.cgroups,
             default_seccomp_profile=self.config.runtime.seccomp_profile,
             apparmor=self.apparmor,
+            userns=sandbox_userns(sandbox.config, sandbox.namespaces),
+            handler=handler.name,
+            features=handler.features,
         )
 
     # --- StopPodSandbox / RemovePodSandbox ----------------------------------------------
