@@ -7,9 +7,9 @@ Two features of the CRI's Status depend on both the kernel and the OCI runtime:
 - user namespaces: idmapped mounts of cripy's layer store (the rootfs is an overlay of
   idmapped layers) and a runtime that idmaps volume mounts (OCI mount uidMappings).
 
-The kernel part is tried for real: `python -m cripy.oci.features SCRATCH` runs in a
-private mount namespace of its own, makes scratch mounts, sets the attributes and checks
-the result, and prints what failed as JSON. The runtime part comes from `<runtime>
+The kernel part is tried for real: a forked child enters a private mount namespace of
+its own, makes scratch mounts, sets the attributes, checks the result, and tells what
+failed. The runtime part comes from `<runtime>
 features` where the runtime has that command, else from version facts.
 """
 
@@ -20,10 +20,13 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
-import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,22 +131,50 @@ def combine(handler_problem: str, kernel: KernelFeatures, runtime: RuntimeFeatur
 
 
 def probe_kernel(storage_root: Path) -> KernelFeatures:
-    """Run the kernel probe in a subprocess (it needs a mount namespace of its own)."""
+    """Run the kernel probe in a forked child (it needs a mount namespace of its own,
+    and a child needs no Python start-up: the daemon calls this once, before it serves).
+    """
     storage_root.mkdir(parents=True, exist_ok=True, mode=0o711)
     scratch = Path(tempfile.mkdtemp(prefix=".features-probe-", dir=storage_root))
     try:
-        proc = subprocess.run([sys.executable, "-m", "cripy.oci.features", str(scratch)],
-                              capture_output=True, text=True, timeout=PROBE_TIMEOUT,
-                              check=False)
-        result = json.loads(proc.stdout)
+        result = json.loads(_in_child(lambda: json.dumps(_probe(scratch)).encode()))
         return KernelFeatures(str(result["recursive_read_only"]),
                               str(result["idmapped_layers"]))
-    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         reason = f"the kernel feature probe failed: {exc}"
         log.warning("%s", reason)
         return KernelFeatures(reason, reason)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _in_child(work: Callable[[], bytes]) -> bytes:
+    """What `work` returns, run in a forked child that is killed after PROBE_TIMEOUT."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.write(w, work())
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks: list[bytes] = []
+    try:
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while True:
+            ready, _, _ = select.select([r], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                raise OSError(f"no answer in {PROBE_TIMEOUT:g}s")
+            chunk = os.read(r, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 # --- the probe itself (in its own process and mount namespace) ------------------------
@@ -174,6 +205,7 @@ def _throwaway_userns() -> tuple[int, int]:
         try:
             os.close(ready_r)
             os.close(go_w)
+            idmap.die_with_parent()
             idmap.unshare(idmap.CLONE_NEWUSER)
             os.write(ready_w, b"u")
             os.read(go_r, 1)
@@ -241,6 +273,3 @@ def _probe(scratch: Path) -> dict[str, str]:
             result[key] = f"probe failed: {exc}"
     return result
 
-
-if __name__ == "__main__":
-    print(json.dumps(_probe(Path(sys.argv[1]))))

@@ -117,3 +117,11 @@ def idmapped_clone(path: str, userns_fd: int) -> int:
 
 def umount_detach(target: str) -> None:
     _check(_libc.umount2(target.encode(), 2), f"umount {target}")  # MNT_DETACH
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (a helper child never outlives it)."""
+    _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)

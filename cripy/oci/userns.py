@@ -221,6 +221,7 @@ def _pin(directory: Path, uids: Sequence[IDMap], gids: Sequence[IDMap],
         try:
             os.close(ready_r)
             os.close(go_w)
+            idmap.die_with_parent()
             idmap.unshare(idmap.CLONE_NEWUSER)
             os.write(ready_w, b"u")
             if os.read(go_r, 1) == b"m":  # mapped: root here has every capability
