@@ -16,6 +16,7 @@ from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFound
 from cripy.oci import spec as spec_mod
 from cripy.oci.apparmor import AppArmorHost
 from cripy.oci.features import Feature, HandlerFeatures
+from cripy.oci.idmap import IDMap
 from cripy.oci.spec import (
     DEFAULT_CAPABILITIES,
     DEFAULT_MASKED_PATHS,
@@ -28,6 +29,7 @@ from cripy.oci.spec import (
     resources_to_oci,
     validate_log_path,
 )
+from cripy.oci.userns import PodUserns
 
 SC = pb.LinuxContainerSecurityContext
 RUNTIME_DEFAULT = pb.SecurityProfile(profile_type=pb.SecurityProfile.RuntimeDefault)
@@ -1066,3 +1068,25 @@ def test_infra_host_pid_and_user(ctx: SpecContext, tmp_path: Path) -> None:
     spec = build_infra_spec(sb, ctx, tmp_path)
     assert "pid" not in ns_of(spec)
     assert spec["process"]["user"]["uid"] == 65535
+
+
+# --- user namespaces -----------------------------------------------------------------
+
+
+def test_a_pod_user_namespace_is_joined_with_its_mappings_and_volumes_idmapped(
+        ctx: SpecContext, tmp_path: Path) -> None:
+    maps = (IDMap(0, 200000, 65536),)
+    inside = dataclasses.replace(ctx, userns=PodUserns(maps, maps, "/pods/p/ns/user"))
+    spec = build(inside, container(mounts=[pb.Mount(container_path="/v",
+                                                    host_path=str(tmp_path))]))
+    linux = spec["linux"]
+    assert {"type": "user", "path": "/pods/p/ns/user"} in linux["namespaces"]
+    oci_map = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    assert linux["uidMappings"] == linux["gidMappings"] == oci_map
+    volume = mount_at(spec, "/v")
+    assert volume["uidMappings"] == volume["gidMappings"] == oci_map
+    assert "uidMappings" not in mount_at(spec, "/proc")
+    # without one, nothing of it
+    plain = build(ctx, container())
+    assert "uidMappings" not in plain["linux"]
+    assert all(n["type"] != "user" for n in plain["linux"]["namespaces"])
