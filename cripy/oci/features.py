@@ -195,66 +195,37 @@ def _probe_rro(scratch: Path) -> str:
     return ""
 
 
-def _throwaway_userns() -> tuple[int, int]:
-    """(pid, fd of its user namespace): a child in a fresh user namespace mapping 0..65535
-    to PROBE_HOST_ID; the caller kills the child."""
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: only unshare, tell, wait
-        try:
-            os.close(ready_r)
-            os.close(go_w)
-            idmap.die_with_parent()
-            idmap.unshare(idmap.CLONE_NEWUSER)
-            os.write(ready_w, b"u")
-            os.read(go_r, 1)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(go_r)
-    if os.read(ready_r, 1) != b"u":
-        raise OSError("the user namespace child failed")
-    line = idmap.map_text([idmap.IDMap(0, PROBE_HOST_ID, 65536)])
-    Path(f"/proc/{pid}/uid_map").write_text(line)
-    Path(f"/proc/{pid}/gid_map").write_text(line)
-    fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    os.close(go_w)
-    return pid, fd
-
-
 def _probe_idmapped_layers(scratch: Path) -> str:
     lower, mapped = scratch / "lower", scratch / "mapped"
     upper, work, merged = scratch / "upper", scratch / "work", scratch / "merged"
     for d in (lower, mapped, upper, work, merged):
         d.mkdir()
     (lower / "file").write_text("x")
-    pid, userns = _throwaway_userns()
-    try:
+    probe_map = [idmap.IDMap(0, PROBE_HOST_ID, 65536)]
+    with idmap.in_new_userns(probe_map, probe_map) as pid:
+        userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         try:
             fd = idmap.idmapped_clone(str(lower), userns)
         except OSError as exc:
             return (f"the filesystem of the layer store ({scratch.parent}) cannot be "
                     f"idmapped on Linux {os.uname().release}: {exc.strerror}")
-        try:
-            idmap.move_mount(fd, str(mapped))
         finally:
-            os.close(fd)
-        if os.stat(mapped / "file").st_uid != PROBE_HOST_ID:
-            return "an idmapped mount of the layer store does not shift file owners"
-        try:
-            idmap.mount("overlay", str(merged), "overlay", 0,
-                        f"lowerdir={mapped},upperdir={upper},workdir={work}")
-        except OSError as exc:
-            return (f"overlayfs refuses idmapped lower layers on Linux "
-                    f"{os.uname().release}: {exc.strerror}")
-        if os.stat(merged / "file").st_uid != PROBE_HOST_ID:
-            return "overlayfs over idmapped layers does not keep their shifted owners"
-        return ""
+            os.close(userns)
+    try:
+        idmap.move_mount(fd, str(mapped))
     finally:
-        os.close(userns)
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
-            os.waitpid(pid, 0)
+        os.close(fd)
+    if os.stat(mapped / "file").st_uid != PROBE_HOST_ID:
+        return "an idmapped mount of the layer store does not shift file owners"
+    try:
+        idmap.mount("overlay", str(merged), "overlay", 0,
+                    f"lowerdir={mapped},upperdir={upper},workdir={work}")
+    except OSError as exc:
+        return (f"overlayfs refuses idmapped lower layers on Linux "
+                f"{os.uname().release}: {exc.strerror}")
+    if os.stat(merged / "file").st_uid != PROBE_HOST_ID:
+        return "overlayfs over idmapped layers does not keep their shifted owners"
+    return ""
 
 
 def _probe(scratch: Path) -> dict[str, str]:

@@ -7,11 +7,13 @@ after the unified 424).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
@@ -125,3 +127,46 @@ PR_SET_PDEATHSIG = 1
 def die_with_parent() -> None:
     """SIGKILL this process when its parent dies (a helper child never outlives it)."""
     _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def in_new_userns(uids: Sequence[IDMap], gids: Sequence[IDMap],
+                  inside: Callable[[], None] = lambda: None) -> Iterator[int]:
+    """A forked child in a new user namespace with these maps, which then runs `inside`
+    (as the namespace's root, with every capability there); yields its pid while it
+    waits, so /proc/PID/ns/... can be opened or pinned. Fork only single-threaded."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            die_with_parent()
+            unshare(CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+            if os.read(go_r, 1) == b"m":  # mapped
+                inside()
+                os.write(ready_w, b"i")
+                os.read(go_r, 1)  # until the parent is done with it
+                code = 0
+        except OSError as exc:
+            os.write(2, f"in the new user namespace: {exc}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"u":
+            raise OSError("could not create a user namespace")
+        Path(f"/proc/{pid}/uid_map").write_text(map_text(uids))
+        Path(f"/proc/{pid}/gid_map").write_text(map_text(gids))
+        os.write(go_w, b"m")
+        if os.read(ready_r, 1) != b"i":
+            raise OSError("the user namespace's child failed")
+        yield pid
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+        os.waitpid(pid, 0)

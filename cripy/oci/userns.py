@@ -213,46 +213,17 @@ def pin_argv(directory: Path, userns: PodUserns, kinds: Sequence[str],
 
 def _pin(directory: Path, uids: Sequence[IDMap], gids: Sequence[IDMap],
          kinds: Sequence[str], hostname: str | None) -> None:
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(ready_r)
-            os.close(go_w)
-            idmap.die_with_parent()
-            idmap.unshare(idmap.CLONE_NEWUSER)
-            os.write(ready_w, b"u")
-            if os.read(go_r, 1) == b"m":  # mapped: root here has every capability
-                flags = 0
-                for kind in kinds:
-                    flags |= _CLONE_FLAGS[kind]
-                idmap.unshare(flags)
-                if hostname is not None:
-                    socket.sethostname(hostname)
-                os.write(ready_w, b"n")
-                os.read(go_r, 1)  # until the parent has pinned them
-                code = 0
-        except OSError as exc:
-            os.write(2, f"in the new user namespace: {exc}\n".encode())
-        finally:
-            os._exit(code)
-    os.close(ready_w)
-    os.close(go_r)
-    try:
-        if os.read(ready_r, 1) != b"u":
-            raise OSError("could not create the user namespace")
-        Path(f"/proc/{pid}/uid_map").write_text(idmap.map_text(uids))
-        Path(f"/proc/{pid}/gid_map").write_text(idmap.map_text(gids))
-        os.write(go_w, b"m")
-        if os.read(ready_r, 1) != b"n":
-            raise OSError(f"could not create the {'/'.join(kinds)} namespaces")
+    def make_namespaces() -> None:  # in the new user namespace, as its root
+        flags = 0
+        for kind in kinds:
+            flags |= _CLONE_FLAGS[kind]
+        idmap.unshare(flags)
+        if hostname is not None:
+            socket.sethostname(hostname)
+
+    with idmap.in_new_userns(uids, gids, make_namespaces) as pid:
         for kind in ("user", *kinds):
             idmap.mount(f"/proc/{pid}/ns/{kind}", str(directory / kind), None, idmap.MS_BIND)
-    finally:
-        os.close(go_w)
-        os.waitpid(pid, 0)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ class SandboxManager:
         if kinds:
             pinned = await self.host.pin_namespaces(pod_dir / "ns", kinds,
                                           hostname if "uts" in kinds else None,
-                                          **({"userns": userns} if userns else {}))
+                                          userns)
             sandbox = await self.store.set(
                 sandbox.id, namespaces={kind: str(path) for kind, path in pinned.items()})
             crash_point("run-pod-after-namespaces")
