@@ -163,3 +163,4 @@ def test_runc_refuses_a_user_namespace_pod_with_the_reason(pods: GuestPods) -> N
     details = info.value.details() or ""
     assert "runtime handler 'runc' cannot run pods in a user namespace" in details
     assert "no idmapped mounts" in details
+
