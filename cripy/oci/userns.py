@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -250,3 +251,14 @@ def prepare_upper(upper: Path, userns: PodUserns) -> None:
     """The writable layer's top directory belongs to the container's root. Blocking."""
     upper.mkdir(parents=True, exist_ok=True)
     os.chown(upper, *userns.host_root())
+
+
+def own_infra_rootfs(shared: Path, target: Path, userns: PodUserns) -> Path:
+    """A copy of the infra rootfs (catatonit only) owned by the pod's root, so the
+    runtime, inside the pod's user namespace, can make its mount points. Blocking."""
+    target.mkdir(exist_ok=True)
+    for entry in shared.iterdir():
+        if entry.is_file() and not entry.name.startswith("."):
+            shutil.copy2(entry, target / entry.name)
+    os.chown(target, *userns.host_root())
+    return target

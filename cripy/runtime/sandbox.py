@@ -31,7 +31,7 @@ from cripy.fsutil import atomic_write_json, remove_tree
 from cripy.network.cni import PortMapping
 from cripy.oci.apparmor import AppArmorHost
 from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
-from cripy.oci.userns import check_handler, pod_userns, sandbox_userns
+from cripy.oci.userns import check_handler, own_infra_rootfs, pod_userns, sandbox_userns
 from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
 from cripy.runtime.podfiles import pod_hostname, write_pod_files
@@ -165,6 +165,9 @@ class SandboxManager:
         def write_bundle() -> None:  # file reads and writes: in a thread
             rootfs = self._ensure_infra_rootfs()
             bundle.mkdir(exist_ok=True)
+            userns = sandbox_userns(sandbox.config, sandbox.namespaces)
+            if userns is not None:
+                rootfs = own_infra_rootfs(rootfs, bundle / "rootfs", userns)
             spec = build_infra_spec(sandbox.config,
                                     self.spec_context(sandbox, sandbox.id, rootfs), rootfs)
             atomic_write_json(bundle / "config.json", spec)

@@ -164,3 +164,31 @@ def test_runc_refuses_a_user_namespace_pod_with_the_reason(pods: GuestPods) -> N
     assert "runtime handler 'runc' cannot run pods in a user namespace" in details
     assert "no idmapped mounts" in details
 
+
+
+def test_a_shared_pid_namespace_pod_keeps_its_infra_in_the_user_namespace(
+        pods: GuestPods) -> None:
+    uid = secrets.token_hex(8)
+    config = pod_config("userns-pid", pods.log_dir, pid=pb.POD,
+                        cgroup_parent=pods.node.layout.create_pod(uid))
+    config.metadata.uid = uid
+    mapping = [pb.IDMapping(host_id=HOST_ID, container_id=0, length=SIZE)]
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(
+        pb.UserNamespace(mode=pb.POD, uids=mapping, gids=mapping))
+    pods.uids[f"pending-{uid}"] = uid
+    pod_id = pods.runtime.RunPodSandbox(
+        pb.RunPodSandboxRequest(config=config, runtime_handler="crun"),
+        timeout=60).pod_sandbox_id
+    pods.uids[pod_id] = pods.uids.pop(f"pending-{uid}")
+    pods.created.append(pod_id)
+    config_c = container_config("app", pods.node.image, ["sleep", "300"])
+    config_c.linux.security_context.namespace_options.pid = pb.POD
+    cid = pods.runtime.CreateContainer(pb.CreateContainerRequest(
+        pod_sandbox_id=pod_id, config=config_c, sandbox_config=pods.config(pod_id)),
+        timeout=60).container_id
+    pods.runtime.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+    # PID 1 is the pod's infra process, in the same user namespace as the container.
+    pid = pods.pid(cid)
+    assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    ps = pods.exec(cid, "cat", "/proc/1/uid_map").stdout.split()
+    assert ps == [b"0", str(HOST_ID).encode(), str(SIZE).encode()]
