@@ -27,6 +27,7 @@ from cripy.network.cni import CNIManager
 from cripy.nri.hooks import Nri
 from cripy.oci.apparmor import prepare_host
 from cripy.oci.cgroups import make_driver, probe_host
+from cripy.oci.features import probe_kernel
 from cripy.oci.handlers import probe_handlers
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
@@ -65,8 +66,9 @@ class Daemon:
         cgroups = make_driver(config.runtime.cgroup_manager, self.host,
                               conmon_cgroup=config.runtime.conmon_cgroup)
         state_dir = self.runroot / "oci"
+        kernel = probe_kernel(self.root)
         oci = OciRuntime(state_dir=state_dir, log_level=config.log_level,
-                         handlers=probe_handlers(config.runtime, state_dir, self.host),
+                         handlers=probe_handlers(config.runtime, state_dir, self.host, kernel),
                          default_handler=config.runtime.default_handler, cgroups=cgroups)
         cni = CNIManager(config.network.cni_config_dir, config.network.cni_plugin_dirs,
                          cache_dir=self.root / "cni-cache",

@@ -35,6 +35,7 @@ from cripy.httpserver import (
     json_response,
     prepare_unix_socket,
 )
+from cripy.oci.features import RUNTIME_FEATURES
 from cripy.runtime.store import PAUSED, Container, ContainerState, PodState, Sandbox
 
 if TYPE_CHECKING:
@@ -126,6 +127,9 @@ class StatusServer:
             "runtime_root": str(self.oci.state_dir / "runc"),
             "version": __version__,
             "checkpoint_restore": (await self.containers.checkpoints.support()).report(),
+            "runtime_handlers": self.containers.runtime_handlers(),
+            "default_runtime_handler": config.runtime.default_handler,
+            "features": RUNTIME_FEATURES,
         })
 
     async def _config(self) -> Response:

@@ -237,6 +237,11 @@ def cmd_version(client: Client, args: argparse.Namespace) -> None:
 def cmd_info(client: Client, args: argparse.Namespace) -> None:
     resp = client.runtime.Status(pb.StatusRequest(verbose=True), timeout=args.timeout)
     out: dict[str, Any] = {"status": MessageToDict(resp.status)}
+    # Every handler with each feature spelled out, false ones too (as crictl shows them).
+    out["runtimeHandlers"] = [
+        MessageToDict(h, always_print_fields_with_no_presence=True)
+        for h in resp.runtime_handlers]
+    out["features"] = MessageToDict(resp.features, always_print_fields_with_no_presence=True)
     for key, value in resp.info.items():
         try:
             out[key] = json.loads(value)

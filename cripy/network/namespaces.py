@@ -29,10 +29,12 @@ from cripy.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
+from cripy.oci.userns import PodUserns, pin_argv
 
 log = logging.getLogger(__name__)
 
 KINDS = ("net", "ipc", "uts")  # also the order files are made and unpinned in
+PINNED = (*KINDS, "user")  # a pod's own user namespace (cripy.oci.userns) is pinned too
 UNSHARE_TIMEOUT = 30.0
 
 _MS_BIND = 0x1000
@@ -46,8 +48,10 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 async def pin_namespaces(directory: Path, kinds: Sequence[str],
-                         hostname: str | None) -> dict[str, Path]:
-    """Fresh namespaces of `kinds`, pinned at directory/<kind>; all or nothing."""
+                         hostname: str | None, userns: PodUserns | None = None
+                         ) -> dict[str, Path]:
+    """Fresh namespaces of `kinds`, pinned at directory/<kind>; all or nothing. With
+    `userns`, they are made inside a new user namespace, pinned at directory/user."""
     wanted = [k for k in KINDS if k in kinds]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not wanted:
@@ -58,6 +62,8 @@ async def pin_namespaces(directory: Path, kinds: Sequence[str],
         _check_hostname(hostname)
     directory = Path(os.path.realpath(directory))  # mountinfo shows resolved paths
     paths = {kind: directory / kind for kind in wanted}
+    if userns is not None:
+        paths["user"] = directory / "user"
     for path in paths.values():
         if is_pinned(path):  # not ours to clean up, so checked before the try
             raise AlreadyExistsError(f"namespace {path} is already pinned")
@@ -67,7 +73,10 @@ async def pin_namespaces(directory: Path, kinds: Sequence[str],
         except OSError as exc:
             raise FailedPreconditionError(f"cannot pin namespaces in {directory}: {exc}") \
                 from None
-        await _unshare(paths, hostname)
+        if userns is None:
+            await _unshare(paths, hostname)
+        else:
+            await _run_pinner(pin_argv(directory, userns, wanted, hostname), wanted)
         dead = [str(p) for p in paths.values() if not is_pinned(p)]
         if dead:
             raise FailedPreconditionError(f"unshare did not pin {', '.join(dead)}")
@@ -123,12 +132,16 @@ def _prepare(directory: Path, files: list[Path]) -> None:
 async def _unshare(paths: dict[str, Path], hostname: str | None) -> None:
     argv = ["unshare", *(f"--{kind}={path}" for kind, path in paths.items()), "--"]
     argv += ["hostname", "--", hostname] if hostname is not None else ["true"]
+    await _run_pinner(argv, list(paths))
+
+
+async def _run_pinner(argv: list[str], kinds: Sequence[str]) -> None:
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
     except OSError as exc:
-        raise FailedPreconditionError(f"cannot run unshare: {exc}") from None
+        raise FailedPreconditionError(f"cannot run {argv[0]}: {exc}") from None
     try:
         _, stderr = await asyncio.wait_for(proc.communicate(), UNSHARE_TIMEOUT)
     except TimeoutError:
@@ -144,12 +157,12 @@ async def _unshare(paths: dict[str, Path], hostname: str | None) -> None:
     if proc.returncode != 0:
         message = stderr.decode(errors="replace").strip()[-500:]
         raise FailedPreconditionError(
-            f"creating {'/'.join(paths)} namespaces failed: {message or proc.returncode}")
+            f"creating {'/'.join(kinds)} namespaces failed: {message or proc.returncode}")
 
 
 def _unpin(directory: Path) -> None:
     mounts = _mount_points()
-    for kind in KINDS:
+    for kind in PINNED:
         path = directory / kind
         # Mounts can be stacked if an earlier pin was interrupted; peel them all.
         for _ in range(16):

@@ -20,6 +20,7 @@ from typing import TypeVar
 from cripy.config import RuntimeConfig
 from cripy.errors import FailedPreconditionError, InvalidArgumentError
 from cripy.oci.cgroups import HostCgroups
+from cripy.oci.features import HandlerFeatures, KernelFeatures, combine, runtime_features
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,15 @@ class RuntimeHandler:
     #: what was wrong with the binaries at start (logged; a container create reports
     #: it again if it is still so then); "" when they were fine
     binary_problem: str = ""
+    #: recursive read-only mounts and user namespaces with this runtime on this host
+    features: HandlerFeatures = HandlerFeatures()
 
-    def report(self) -> dict[str, str | bool]:
+    def report(self) -> dict[str, object]:
         """What Status (verbose) tells of this handler: usable here or why not."""
         return {"name": self.name, "runtime_path": self.runtime_path, "flavor": self.flavor,
                 "version": self.version, "usable": not (self.problem or self.binary_problem),
-                "problem": self.problem or self.binary_problem}
+                "problem": self.problem or self.binary_problem,
+                "features": self.features.report()}
 
     def check_usable(self) -> None:
         if self.problem:
@@ -94,30 +98,43 @@ def host_problem(flavor: str, host: HostCgroups, cgroup_driver: str) -> str:
 
 
 def probe_handler(name: str, runtime_path: str, monitor_path: str, root: Path,
-                  host: HostCgroups, cgroup_driver: str) -> RuntimeHandler:
+                  host: HostCgroups, cgroup_driver: str,
+                  kernel: KernelFeatures | None = None) -> RuntimeHandler:
+    """One handler's binaries and features; `kernel` (probed once for all handlers)
+    None leaves the features unprobed (reported unsupported)."""
     path = _resolve(runtime_path)
     monitor = _resolve(monitor_path)
     flavor, version, binary_problem = runtime_version(path)
     if not binary_problem and not os.access(monitor, os.X_OK):
         binary_problem = f"its monitor {monitor} is not an executable file"
-    return RuntimeHandler(name, path, root, monitor, flavor, version,
-                          host_problem(flavor, host, cgroup_driver), binary_problem)
+    problem = host_problem(flavor, host, cgroup_driver)
+    features = HandlerFeatures()
+    if kernel is not None:
+        features = combine(problem or binary_problem, kernel,
+                           runtime_features(path, flavor, version))
+    return RuntimeHandler(name, path, root, monitor, flavor, version, problem,
+                          binary_problem, features)
 
 
-def probe_handlers(config: RuntimeConfig, state_dir: Path, host: HostCgroups
-                   ) -> dict[str, RuntimeHandler]:
+def probe_handlers(config: RuntimeConfig, state_dir: Path, host: HostCgroups,
+                   kernel: KernelFeatures | None = None) -> dict[str, RuntimeHandler]:
     """Every configured handler, probed; problems are logged, not raised."""
     found: dict[str, RuntimeHandler] = {}
     for name, entry in config.handlers.items():
         root = Path(entry.runtime_root) if entry.runtime_root else state_dir / name
         handler = probe_handler(name, entry.runtime_path, entry.monitor_path, root, host,
-                                config.cgroup_manager)
+                                config.cgroup_manager, kernel)
         if handler.problem or handler.binary_problem:
             log.warning("runtime handler %s is unusable: %s", name,
                         handler.problem or handler.binary_problem)
         else:
             log.info("runtime handler %s: %s %s (%s)", name, handler.flavor, handler.version,
                      handler.runtime_path)
+        for feature, value in (("recursive read-only mounts",
+                                handler.features.recursive_read_only),
+                               ("user namespaces", handler.features.user_namespaces)):
+            log.info("runtime handler %s: %s %s", name, feature,
+                     "supported" if value.supported else f"unsupported: {value.reason}")
         found[name] = handler
     return found
 

@@ -23,7 +23,9 @@ from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cripy.oci import apparmor, seccomp
 from cripy.oci.cgroups import DEFAULT_CGROUPFS_PARENT, CgroupDriver, CgroupfsDriver
+from cripy.oci.features import HandlerFeatures
 from cripy.oci.user import ProcessUser, resolve_user
+from cripy.oci.userns import PodUserns, container_userns, idmap_mount, spec_entries
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,9 @@ class SpecContext:
     cgroups: CgroupDriver = field(default_factory=CgroupfsDriver)  # the cgroup driver
     default_seccomp_profile: str = ""  # a profile file for RuntimeDefault; "": built in
     apparmor: apparmor.AppArmorHost = field(default_factory=apparmor.AppArmorHost)  # probed once
+    userns: PodUserns | None = None  # the pod's own user namespace; None: the node's
+    handler: str = ""  # the pod's runtime handler, as named in errors
+    features: HandlerFeatures = HandlerFeatures()  # what it can do here, probed once
 
 
 # --- small validators ------------------------------------------------------------------
@@ -451,13 +456,6 @@ def _default_mounts(ctx: SpecContext, *, privileged: bool, readonly: bool) -> li
     return mounts
 
 
-@functools.lru_cache(maxsize=1)
-def _rro_supported() -> bool:
-    """Recursive read-only binds need mount_setattr (Linux 5.12); runc 1.1 knows "rro"."""
-    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return m is not None and (int(m.group(1)), int(m.group(2))) >= (5, 12)
-
-
 def _unescape_mountinfo(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
@@ -509,7 +507,7 @@ def _check_propagation(host_path: str, propagation: int) -> None:
         )
 
 
-def _cri_mount(m: pb.Mount) -> dict[str, Any]:
+def _cri_mount(m: pb.Mount, ctx: SpecContext) -> dict[str, Any]:
     if m.image.image or m.image.image_ref:
         raise InvalidArgumentError(
             f"mount {m.container_path!r}: image volumes are mounted before the spec is built")
@@ -528,7 +526,9 @@ def _cri_mount(m: pb.Mount) -> dict[str, Any]:
     except OSError as e:
         raise InvalidArgumentError(f"mount host_path {src!r}: {e.strerror}") from None
     if m.uidMappings or m.gidMappings:
-        raise InvalidArgumentError(f"mount {dest!r}: id-mapped mounts are not supported")
+        raise InvalidArgumentError(
+            f"mount {dest!r}: per-mount uidMappings/gidMappings are not supported (in a pod "
+            "with a user namespace every mount is idmapped with the pod's mappings)")
     if m.propagation not in _PROPAGATION:
         raise InvalidArgumentError(f"mount {dest!r}: unknown propagation {m.propagation}")
     _check_propagation(src, m.propagation)
@@ -538,19 +538,21 @@ def _cri_mount(m: pb.Mount) -> dict[str, Any]:
             raise InvalidArgumentError(
                 f"mount {dest!r}: recursive_read_only needs readonly and private propagation"
             )
-        if not _rro_supported():
-            raise InvalidArgumentError(
-                f"mount {dest!r}: recursive read-only mounts need Linux 5.12 or later"
-            )
+        rro = ctx.features.recursive_read_only
+        if not rro.supported:
+            raise FailedPreconditionError(
+                f"mount {dest!r}: runtime handler {ctx.handler!r} cannot make recursive "
+                f"read-only mounts here: {rro.reason}")
         options.append("rro")
-    return _mount(dest, "bind", src, options)
+    mount = _mount(dest, "bind", src, options)
+    return idmap_mount(mount, ctx.userns) if ctx.userns else mount
 
 
 def build_mounts(
     config: pb.ContainerConfig, ctx: SpecContext, *, privileged: bool, readonly: bool
 ) -> tuple[list[dict[str, Any]], str | None]:
     """All mounts, parents before children, and the rootfsPropagation they need."""
-    cri = [_cri_mount(m) for m in config.mounts]
+    cri = [_cri_mount(m, ctx) for m in config.mounts]
     dests = [m["destination"] for m in cri]
     seen: set[str] = set()
     for d in dests:
@@ -790,10 +792,10 @@ def _namespaces(
     config: pb.ContainerConfig, ctx: SpecContext, *, privileged: bool
 ) -> list[dict[str, str]]:
     nso = config.linux.security_context.namespace_options
-    if nso.HasField("userns_options") and nso.userns_options.mode != pb.NODE:
-        raise InvalidArgumentError("user namespaces are not supported (userns_options)")
+    container_userns(nso, ctx.userns)
     namespaces = [{"type": "mount"}]
-    for typ, path in (("network", ctx.network_ns), ("ipc", ctx.ipc_ns), ("uts", ctx.uts_ns)):
+    for typ, path in (("user", ctx.userns and ctx.userns.path), ("network", ctx.network_ns),
+                      ("ipc", ctx.ipc_ns), ("uts", ctx.uts_ns)):
         if path:
             namespaces.append({"type": typ, "path": path})
     mode = nso.pid
@@ -926,6 +928,8 @@ def build_container_spec(
         "resources": resources,
         "devices": devices,
     }
+    if ctx.userns:
+        linux.update(spec_entries(ctx.userns))
     sysctls = build_sysctls(
         sandbox.linux.sysctls, host_network=ctx.network_ns is None, host_ipc=ctx.ipc_ns is None
     )
@@ -982,7 +986,8 @@ def build_infra_spec(
         k: [] for k in ("bounding", "effective", "permitted", "inheritable", "ambient")
     }
     namespaces: list[dict[str, str]] = [{"type": "mount"}]
-    for typ, path in (("network", ctx.network_ns), ("ipc", ctx.ipc_ns), ("uts", ctx.uts_ns)):
+    for typ, path in (("user", ctx.userns and ctx.userns.path), ("network", ctx.network_ns),
+                      ("ipc", ctx.ipc_ns), ("uts", ctx.uts_ns)):
         if path:
             namespaces.append({"type": typ, "path": path})
     # A host-PID pod keeps its infra in the host PID namespace too.
@@ -1003,6 +1008,8 @@ def build_infra_spec(
         "readonlyPaths": list(DEFAULT_READONLY_PATHS),
         "seccomp": seccomp.to_oci(seccomp.default_profile(), []),
     }
+    if ctx.userns:
+        linux.update(spec_entries(ctx.userns))
     sysctls = build_sysctls(
         sandbox.linux.sysctls, host_network=ctx.network_ns is None, host_ipc=ctx.ipc_ns is None
     )

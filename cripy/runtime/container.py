@@ -30,11 +30,14 @@ from cripy.image.store import ImageRecord
 from cripy.nri.hooks import Nri
 from cripy.oci import cdi, signals
 from cripy.oci.checkpoint import CheckpointArchive, CriuSupport
+from cripy.oci.handlers import RuntimeHandler
 from cripy.oci.runtime import ExecResult
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
+from cripy.oci.userns import sandbox_userns
 from cripy.runtime.checkpoint import Checkpoints
 from cripy.runtime.events import CREATED as CREATED_EVENT
 from cripy.runtime.events import DELETED, STARTED, STOPPED, Event, EventBus
+from cripy.runtime.idmapped import mount_idmapped_rootfs
 from cripy.runtime.locks import LockTable
 from cripy.runtime.ports import HOST, Host, Images, OciDriver
 from cripy.runtime.sandbox import READY, SandboxManager
@@ -126,9 +129,16 @@ class ContainerManager:
             return Path(container.log_path)
         return self.bundle_dir(container.id) / "console.log"
 
-    def runtime_handlers(self) -> list[dict[str, str | bool]]:
+    def runtime_handlers(self) -> list[dict[str, object]]:
         """The configured runtime handlers as probed at start (from memory)."""
         return [h.report() for h in self.oci.handlers.values()]
+
+    def handlers(self) -> list[RuntimeHandler]:
+        return list(self.oci.handlers.values())
+
+    def default_handler(self) -> RuntimeHandler | None:
+        """The handler pods get without a runtime_handler, as probed at start."""
+        return self.oci.handlers.get(self.config.runtime.default_handler)
 
     @property
     def layers_root(self) -> Path:
@@ -290,8 +300,13 @@ class ContainerManager:
 
         if restore is not None:  # the checkpoint's writable layer, before the mount
             restore = await self.checkpoints.adopt(restore, container.id)
-        await self.host.mount_overlay(store.layers, lowers(layers), record_dir / "upper",
-                                      record_dir / "work", rootfs)
+        userns = sandbox_userns(sandbox.config, sandbox.namespaces)
+        if userns is None:
+            await self.host.mount_overlay(store.layers, lowers(layers), record_dir / "upper",
+                                          record_dir / "work", rootfs)
+        else:
+            await mount_idmapped_rootfs(self.host, userns, store.layers, lowers(layers),
+                                        record_dir, rootfs)
         volumes = []
         for index, m in enumerate(container.config.mounts):
             if image_volume.is_image_mount(m):

@@ -16,6 +16,7 @@ from cripy.network.namespaces import is_pinned, pin_namespaces, unpin_namespaces
 from cripy.oci.cgroups import CgroupDriver
 from cripy.oci.handlers import RuntimeHandler
 from cripy.oci.runtime import ExecResult, ExitStatus
+from cripy.oci.userns import PodUserns
 from cripy.storage.overlay import mount_overlay, mount_tmpfs, unmount
 
 
@@ -79,8 +80,9 @@ class Host:
     """Mounts and namespace pins: the parts of a pod and a container that need root."""
 
     async def pin_namespaces(self, directory: Path, kinds: Sequence[str],
-                             hostname: str | None) -> dict[str, Path]:
-        return await pin_namespaces(directory, kinds, hostname)
+                             hostname: str | None, userns: PodUserns | None = None
+                             ) -> dict[str, Path]:
+        return await pin_namespaces(directory, kinds, hostname, userns)
 
     async def unpin_namespaces(self, directory: Path) -> None:
         await unpin_namespaces(directory)

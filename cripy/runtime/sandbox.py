@@ -33,6 +33,7 @@ from cripy.network.cni import PortMapping
 from cripy.nri.hooks import Nri
 from cripy.oci.apparmor import AppArmorHost
 from cripy.oci.spec import SpecContext, build_infra_spec, host_cgroup_v2
+from cripy.oci.userns import check_handler, own_infra_rootfs, pod_userns, sandbox_userns
 from cripy.runtime import pod_resources
 from cripy.runtime.events import CREATED, DELETED, STARTED, STOPPED, Event, EventBus
 from cripy.runtime.locks import LockTable
@@ -105,7 +106,10 @@ class SandboxManager:
     async def run(self, config: pb.PodSandboxConfig, runtime_handler: str) -> Sandbox:
         _validate(config)
         pod_resources.pod_limits(config.linux.resources, config.linux.overhead)
-        self.oci.handler(runtime_handler)  # known, and usable on this host
+        handler = self.oci.handler(runtime_handler)  # known, and usable on this host
+        userns = pod_userns(config)
+        check_handler(userns, handler.name, handler.features.user_namespaces.supported,
+                      handler.features.user_namespaces.reason)
         self.oci.cgroups.parent(config.linux.cgroup_parent)  # suits the cgroup driver
         sandbox = await self.store.add(Sandbox(
             id=secrets.token_hex(32), config=config, runtime_handler=runtime_handler,
@@ -138,9 +142,11 @@ class SandboxManager:
             kinds += ["net", "uts"]
         if options.ipc != pb.NODE:
             kinds.append("ipc")
+        userns = pod_userns(config)
         if kinds:
             pinned = await self.host.pin_namespaces(pod_dir / "ns", kinds,
-                                          hostname if "uts" in kinds else None)
+                                          hostname if "uts" in kinds else None,
+                                          userns)
             sandbox = await self.store.set(
                 sandbox.id, namespaces={kind: str(path) for kind, path in pinned.items()})
             crash_point("run-pod-after-namespaces")
@@ -167,6 +173,9 @@ class SandboxManager:
         def write_bundle() -> None:  # file reads and writes: in a thread
             rootfs = self._ensure_infra_rootfs()
             bundle.mkdir(exist_ok=True)
+            userns = sandbox_userns(sandbox.config, sandbox.namespaces)
+            if userns is not None:
+                rootfs = own_infra_rootfs(rootfs, bundle / "rootfs", userns)
             spec = build_infra_spec(sandbox.config,
                                     self.spec_context(sandbox, sandbox.id, rootfs), rootfs)
             atomic_write_json(bundle / "config.json", spec)
@@ -194,6 +203,7 @@ class SandboxManager:
     def spec_context(self, sandbox: Sandbox, container_id: str, rootfs: Path) -> SpecContext:
         """What the OCI spec of a container in `sandbox` needs (reads /proc: blocks)."""
         pod_dir = self.pod_dir(sandbox.id)
+        handler = self.oci.handler(sandbox.runtime_handler)
         return SpecContext(
             container_id=container_id,
             sandbox_id=sandbox.id,
@@ -210,6 +220,9 @@ class SandboxManager:
             cgroups=self.oci.cgroups,
             default_seccomp_profile=self.config.runtime.seccomp_profile,
             apparmor=self.apparmor,
+            userns=sandbox_userns(sandbox.config, sandbox.namespaces),
+            handler=handler.name,
+            features=handler.features,
         )
 
     # --- StopPodSandbox / RemovePodSandbox ----------------------------------------------

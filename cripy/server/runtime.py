@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from typing import TYPE_CHECKING
 
 from cripy import __version__
 from cripy.api import api_pb2 as pb
 from cripy.config import Config
 from cripy.network.readiness import Readiness, check_network
+from cripy.oci.features import RUNTIME_FEATURES
+from cripy.oci.handlers import RuntimeHandler
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.usage import StatsCollector
@@ -36,15 +36,24 @@ else:  # every RPC answers UNIMPLEMENTED until RuntimeServicer defines it
     )
 
 
-def check_runtime(config: Config) -> Readiness:
-    default = config.runtime.handler("")
-    for role, binary in (("OCI runtime", default.runtime_path),
-                         ("container monitor", default.monitor_path)):
-        found = shutil.which(binary) if os.sep not in binary else (
-            binary if os.access(binary, os.X_OK) else None)
-        if found is None:
-            return Readiness(False, "RuntimeBinaryMissing", f"{role} {binary!r} not found")
+def check_runtime(default: RuntimeHandler | None) -> Readiness:
+    """The default handler as probed at start: its binaries run, and it works here."""
+    if default is None:
+        return Readiness(False, "RuntimeHandlerMissing", "the default handler is not set up")
+    if default.binary_problem:
+        return Readiness(False, "RuntimeBinaryMissing",
+                         f"runtime handler {default.name!r}: {default.binary_problem}")
+    if default.problem:
+        return Readiness(False, "RuntimeHandlerUnusable",
+                         f"runtime handler {default.name!r}: {default.problem}")
     return Readiness(True)
+
+
+def _handler_message(name: str, handler: RuntimeHandler) -> pb.RuntimeHandler:
+    features = handler.features
+    return pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
+        recursive_read_only_mounts=features.recursive_read_only.supported,
+        user_namespaces=features.user_namespaces.supported))
 
 
 def _condition(kind: str, readiness: Readiness) -> pb.RuntimeCondition:
@@ -81,9 +90,10 @@ class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, Streamin
         self, request: pb.StatusRequest, context: Context
     ) -> pb.StatusResponse:
         network = self.config.network
+        default = self.containers.default_handler()
         status = pb.RuntimeStatus(
             conditions=[
-                _condition("RuntimeReady", check_runtime(self.config)),
+                _condition("RuntimeReady", check_runtime(default)),
                 _condition(
                     "NetworkReady", check_network(network.cni_config_dir, network.cni_plugin_dirs)
                 ),
@@ -96,7 +106,13 @@ class RuntimeServicer(SandboxRpcs, ContainerRpcs, EventRpcs, StatsRpcs, Streamin
             info["nri_plugins"] = json.dumps(self.containers.nri.describe())
             info["checkpoint_restore"] = json.dumps(
                 (await self.containers.checkpoints.support()).report())
-        return pb.StatusResponse(status=status, info=info)
+        # The default handler first under "" (the CRI's name for it), then each by name.
+        handlers = [_handler_message("", default)] if default is not None else []
+        handlers += [_handler_message(h.name, h) for h in
+                     sorted(self.containers.handlers(), key=lambda h: h.name)]
+        return pb.StatusResponse(
+            status=status, info=info, runtime_handlers=handlers,
+            features=pb.RuntimeFeatures(**RUNTIME_FEATURES))
 
     @rpc
     async def RuntimeConfig(

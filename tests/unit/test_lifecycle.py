@@ -27,6 +27,7 @@ from cripy.network.cni import PodNetwork, PortMapping
 from cripy.oci.cgroups import CgroupDriver, CgroupfsDriver
 from cripy.oci.handlers import RuntimeHandler, select
 from cripy.oci.runtime import ExecResult, ExitStatus
+from cripy.oci.userns import PodUserns
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.events import EventBus
 from cripy.runtime.ports import Host
@@ -159,9 +160,10 @@ class FakeHost(Host):
         self.mounts: set[Path] = set()
 
     async def pin_namespaces(self, directory: Path, kinds: Sequence[str],
-                             hostname: str | None) -> dict[str, Path]:
+                             hostname: str | None, userns: PodUserns | None = None
+                             ) -> dict[str, Path]:
         directory.mkdir(parents=True, exist_ok=True)
-        pinned = {kind: directory / kind for kind in kinds}
+        pinned = {kind: directory / kind for kind in [*kinds, *(["user"] if userns else [])]}
         for path in pinned.values():
             path.touch()
             self.mounts.add(path)

@@ -3,6 +3,7 @@ runc)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,6 +15,8 @@ from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cripy.oci import spec as spec_mod
 from cripy.oci.apparmor import AppArmorHost
+from cripy.oci.features import Feature, HandlerFeatures
+from cripy.oci.idmap import IDMap
 from cripy.oci.spec import (
     DEFAULT_CAPABILITIES,
     DEFAULT_MASKED_PATHS,
@@ -26,6 +29,7 @@ from cripy.oci.spec import (
     resources_to_oci,
     validate_log_path,
 )
+from cripy.oci.userns import PodUserns
 
 SC = pb.LinuxContainerSecurityContext
 RUNTIME_DEFAULT = pb.SecurityProfile(profile_type=pb.SecurityProfile.RuntimeDefault)
@@ -560,20 +564,24 @@ def test_cri_dev_mount_replaces_dev_tree(ctx: SpecContext, tmp_path: Path) -> No
     assert "/dev" in dests and not any(d.startswith("/dev/") for d in dests)
 
 
-def test_rro(ctx: SpecContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rro(ctx: SpecContext, tmp_path: Path) -> None:
     m = pb.Mount(
         container_path="/a", host_path=str(tmp_path), readonly=True, recursive_read_only=True
     )
-    monkeypatch.setattr(spec_mod, "_rro_supported", lambda: True)
-    assert mount_at(build(ctx, container(mounts=[m])), "/a")["options"] == [
+    able = dataclasses.replace(ctx, handler="crun", features=HandlerFeatures(
+        recursive_read_only=Feature(True)))
+    assert mount_at(build(able, container(mounts=[m])), "/a")["options"] == [
         "rbind",
         "rprivate",
         "ro",
         "rro",
     ]
-    monkeypatch.setattr(spec_mod, "_rro_supported", lambda: False)
-    with pytest.raises(InvalidArgumentError, match="5.12"):
-        build(ctx, container(mounts=[m]))
+    unable = dataclasses.replace(ctx, handler="old", features=HandlerFeatures(
+        recursive_read_only=Feature(False, "old 0.1 does not list the 'rro' mount option")))
+    with pytest.raises(FailedPreconditionError,
+                       match="runtime handler 'old' cannot make recursive read-only mounts "
+                             "here: old 0.1 does not list the 'rro'"):
+        build(unable, container(mounts=[m]))
 
 
 def test_mount_path_normalised(ctx: SpecContext, tmp_path: Path) -> None:
@@ -629,7 +637,7 @@ def test_proc_file_mount_allowed(ctx: SpecContext, tmp_path: Path) -> None:
         (pb.Mount(container_path="/img", image=pb.ImageSpec(image="busybox")), "image volumes"),
         (
             pb.Mount(container_path="/a", host_path="/tmp", uidMappings=[pb.IDMapping(length=1)]),
-            "id-mapped",
+            "per-mount uidMappings",
         ),
         (
             pb.Mount(container_path="/a", host_path="/tmp", recursive_read_only=True),
@@ -698,7 +706,7 @@ def test_namespace_errors(ctx: SpecContext) -> None:
             pid=pb.CONTAINER, userns_options=pb.UserNamespace(mode=pb.POD)
         )
     )
-    with pytest.raises(InvalidArgumentError, match="user namespaces"):
+    with pytest.raises(InvalidArgumentError, match="its pod has no user namespace"):
         build(ctx, container(sc=userns))
 
 
@@ -1060,3 +1068,25 @@ def test_infra_host_pid_and_user(ctx: SpecContext, tmp_path: Path) -> None:
     spec = build_infra_spec(sb, ctx, tmp_path)
     assert "pid" not in ns_of(spec)
     assert spec["process"]["user"]["uid"] == 65535
+
+
+# --- user namespaces -----------------------------------------------------------------
+
+
+def test_a_pod_user_namespace_is_joined_with_its_mappings_and_volumes_idmapped(
+        ctx: SpecContext, tmp_path: Path) -> None:
+    maps = (IDMap(0, 200000, 65536),)
+    inside = dataclasses.replace(ctx, userns=PodUserns(maps, maps, "/pods/p/ns/user"))
+    spec = build(inside, container(mounts=[pb.Mount(container_path="/v",
+                                                    host_path=str(tmp_path))]))
+    linux = spec["linux"]
+    assert {"type": "user", "path": "/pods/p/ns/user"} in linux["namespaces"]
+    oci_map = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    assert linux["uidMappings"] == linux["gidMappings"] == oci_map
+    volume = mount_at(spec, "/v")
+    assert volume["uidMappings"] == volume["gidMappings"] == oci_map
+    assert "uidMappings" not in mount_at(spec, "/proc")
+    # without one, nothing of it
+    plain = build(ctx, container())
+    assert "uidMappings" not in plain["linux"]
+    assert all(n["type"] != "user" for n in plain["linux"]["namespaces"])

@@ -22,6 +22,8 @@ from cripy.cli import status as status_cli
 from cripy.config import Config, from_dict
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cripy.httpserver import HTTPConnections, Request, Response, json_response
+from cripy.oci.features import Feature, HandlerFeatures
+from cripy.oci.handlers import RuntimeHandler
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.sandbox import SandboxManager
@@ -36,6 +38,9 @@ PAUSED_ID = "c" * 64
 
 class FakeOci:
     runtime_path = "/usr/sbin/runc"
+    handlers = {"runc": RuntimeHandler("runc", "/usr/sbin/runc", Path("/run/x"), "conmon",
+                                       "runc", "1.1.5", features=HandlerFeatures(
+                                           recursive_read_only=Feature(True)))}
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -153,6 +158,15 @@ def test_info(tmp_path: Path) -> None:
             # The world's manager was not probed (the daemon probes criu at start).
             "checkpoint_restore": {"available": False, "reason": "not probed", "criu": "",
                                    "version": ""},
+            "runtime_handlers": [{
+                "name": "runc", "runtime_path": "/usr/sbin/runc", "flavor": "runc",
+                "version": "1.1.5", "usable": True, "problem": "",
+                "features": {
+                    "recursive_read_only": {"supported": True, "reason": ""},
+                    "user_namespaces": {"supported": False, "reason": "not probed"}}}],
+            "default_runtime_handler": "runc",
+            "features": {"supplemental_groups_policy": True,
+                         "user_namespaces_host_network": False},
         }
 
     serve(tmp_path, scenario)
