@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError
 from cripy.nri import api_pb2 as nri
+from cripy.oci.spec import order_mounts
 
 REMOVAL_MARK = "-"
 _HOOK_KINDS = (("prestart", "prestart"), ("create_runtime", "createRuntime"),
@@ -352,8 +353,7 @@ def _apply_mounts(spec: dict[str, Any], mounts: Any) -> None:
             if mount.options:
                 entry["options"] = list(mount.options)
             current.append(entry)
-    # Parents before children, as the runtime mounts them in order.
-    current.sort(key=lambda m: len(str(m.get("destination", "")).rstrip("/").split("/")))
+    order_mounts(current)
 
 
 def hook_to_oci(hook: nri.Hook) -> dict[str, Any]:

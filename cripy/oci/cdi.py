@@ -29,7 +29,7 @@ import yaml
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from cripy.oci.spec import clean_container_path
+from cripy.oci.spec import clean_container_path, order_mounts
 
 log = logging.getLogger(__name__)
 
@@ -529,8 +529,7 @@ def _apply_mounts(spec: dict[str, Any], mounts: Iterable[MountEdit], label: str)
                                  "options": list(m.options)}
         entry["type"] = m.type or ("bind" if bind else "none")
         current.append(entry)
-    # Parents before children; stable, so equal depths keep their order.
-    current.sort(key=lambda c: 0 if c["destination"] == "/" else c["destination"].count("/"))
+    order_mounts(current)
 
 
 def _apply_hooks(spec: dict[str, Any], hooks: Iterable[HookEdit], label: str) -> None:

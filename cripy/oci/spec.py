@@ -207,7 +207,13 @@ def _non_negative(value: int, what: str) -> int:
 
 
 def _depth(path: str) -> int:
-    return 0 if path == "/" else path.count("/")
+    return 0 if path == "/" else path.rstrip("/").count("/")
+
+
+def order_mounts(mounts: list[dict[str, Any]]) -> None:
+    """Parents before children, as the runtime mounts them in order; stable, so equal
+    depths keep their order."""
+    mounts.sort(key=lambda m: _depth(str(m.get("destination", ""))))
 
 
 # --- capabilities ----------------------------------------------------------------------
