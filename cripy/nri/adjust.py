@@ -130,6 +130,8 @@ def merge_resources(into: nri.LinuxResources, extra: nri.LinuxResources, owners:
         if extra.HasField(name):
             owners.claim(container_id, what, plugin)
             getattr(into, name).CopyFrom(getattr(extra, name))
+    if extra.devices:  # device cgroup rules only accumulate, as OCI hooks do
+        into.devices.extend(extra.devices)
 
 
 class CreateResult:
@@ -515,6 +517,19 @@ def resources_to_oci(res: nri.LinuxResources, *, cgroup_v2: bool) -> dict[str, A
         out["unified"] = dict(res.unified)
     if res.HasField("pids"):
         out["pids"] = {"limit": res.pids.limit}
+    rules = []
+    for rule in res.devices:
+        if rule.type not in ("a", "b", "c"):
+            raise InvalidArgumentError(
+                f"NRI device cgroup rule type {rule.type!r} is not one of a, b, c")
+        entry: dict[str, Any] = {"allow": rule.allow, "type": rule.type,
+                                 "access": rule.access or "rwm"}
+        for name in ("major", "minor"):  # unset: any
+            if rule.HasField(name):
+                entry[name] = getattr(rule, name).value
+        rules.append(entry)
+    if rules:
+        out["devices"] = rules
     if res.HasField("blockio_class"):
         raise FailedPreconditionError(
             f"NRI plugins set block I/O class {res.blockio_class.value!r}: cripy has no "
@@ -526,6 +541,8 @@ def merge_oci_resources(into: dict[str, Any], extra: dict[str, Any]) -> None:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             into[key].update(value)
+        elif key == "devices":  # rules apply in order: later ones come after
+            into[key] = into.get(key, []) + value
         elif key == "hugepageLimits":
             sizes = {h["pageSize"] for h in value}
             into[key] = [h for h in into.get(key, []) if h["pageSize"] not in sizes] + value
@@ -595,6 +612,8 @@ def update_to_cri(current: pb.LinuxContainerResources, res: nri.LinuxResources
     unsupported += [what for name, what in (("blockio_class", "block I/O class"),
                                             ("rdt_class", "RDT class"), ("pids", "pids limit"))
                     if res.HasField(name)]
+    if res.devices:  # nor can NRI's ContainerUpdate carry devices or CDI devices
+        unsupported.append("device cgroup rules (devices are set at CreateContainer only)")
     if unsupported:
         raise FailedPreconditionError(
             f"cripy cannot update {', '.join(unsupported)} of a running container")

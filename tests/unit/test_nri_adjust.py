@@ -309,3 +309,24 @@ def test_an_unknown_plugin_cdi_device_is_not_found_naming_device_and_plugin(
     message = str(info.value)
     assert message.startswith("NRI plugin '20-two': CDI device not found: vendor.com/dev=gone")
     assert f"spec dirs searched: {tmp_path / 'cdi'}" in message
+
+
+def test_device_cgroup_rules_are_added_at_create_and_refused_in_updates() -> None:
+    rule = nri.LinuxDeviceCgroup(allow=True, type="c", major=nri.OptionalInt64(value=10),
+                                 access="rw")
+    result = CreateResult(container())
+    for plugin in ("10-one", "20-two"):  # rules accumulate: no owner
+        result.apply(reply(linux=nri.LinuxContainerAdjustment(
+            resources=nri.LinuxResources(devices=[rule]))), plugin)
+    out = spec()
+    apply_adjustment(out, result.adjust, cgroup_v2=False)
+    assert out["linux"]["resources"]["devices"] == [  # after the spec's deny-all
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 10, "access": "rw"},
+        {"allow": True, "type": "c", "major": 10, "access": "rw"}]
+    with pytest.raises(InvalidArgumentError, match="rule type 'x'"):
+        apply_adjustment(spec(), nri.ContainerAdjustment(linux=nri.LinuxContainerAdjustment(
+            resources=nri.LinuxResources(devices=[nri.LinuxDeviceCgroup(type="x")]))),
+            cgroup_v2=False)
+    with pytest.raises(FailedPreconditionError, match="cannot update device cgroup rules"):
+        update_to_cri(pb.LinuxContainerResources(), nri.LinuxResources(devices=[rule]))
