@@ -22,8 +22,10 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @contextmanager
-def bridge_network(cni_dir: Path, state_dir: Path, subnet_octet: int) -> Iterator[str]:
-    """A bridge + host-local + portmap conflist with its own bridge and subnet.
+def bridge_network(cni_dir: Path, state_dir: Path, subnet_octet: int,
+                   subnet: str = "") -> Iterator[str]:
+    """A bridge + host-local + portmap conflist with its own bridge and subnet
+    (10.216.`subnet_octet`.0/24 unless `subnet` names another).
 
     Yields the bridge name; deletes the bridge afterwards."""
     bridge = "cripyt" + secrets.token_hex(2)
@@ -35,7 +37,7 @@ def bridge_network(cni_dir: Path, state_dir: Path, subnet_octet: int) -> Iterato
                 "type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": False,
                 "hairpinMode": True,
                 "ipam": {"type": "host-local", "dataDir": str(state_dir / "ipam"),
-                         "ranges": [[{"subnet": f"10.216.{subnet_octet}.0/24"}]],
+                         "ranges": [[{"subnet": subnet or f"10.216.{subnet_octet}.0/24"}]],
                          "routes": [{"dst": "0.0.0.0/0"}]},
             },
             {"type": "portmap", "capabilities": {"portMappings": True}},

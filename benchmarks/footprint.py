@@ -1,0 +1,104 @@
+"""The daemon's footprint: import time and idle RSS after start.
+
+Import time: `python -X importtime` of what `python -m cripy daemon` imports before it
+serves (the CLI entry point and cripy.daemon), in a fresh interpreter each time, --runs
+times; the median of the total and the modules that cost the most (cumulative, in the
+median run) are printed. Idle RSS: a daemon is started in a temporary state dir (no pods,
+no images), left alone for --settle seconds, and its VmRSS and thread count are read from
+/proc. Starting a daemon needs root and the test lock:
+
+Usage: flock /tmp/cripy-test.lock python -m benchmarks.footprint [--runs 7] [--settle 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.cri_bench import rss_bytes
+from tests.support.daemon import Daemon
+
+DAEMON_IMPORTS = "import cripy.cli.main, cripy.daemon, cripy.logs"
+_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
+
+
+@dataclass(frozen=True)
+class ImportRow:
+    self_us: int
+    cumulative_us: int
+    depth: int
+    module: str
+
+
+def parse_importtime(text: str) -> list[ImportRow]:
+    """The rows of `-X importtime` output (stderr); other lines are skipped."""
+    rows = []
+    for line in text.splitlines():
+        match = _LINE.match(line)
+        if match:
+            rows.append(ImportRow(int(match[1]), int(match[2]), len(match[3]) // 2,
+                                  match[4]))
+    return rows
+
+
+def total_ms(rows: list[ImportRow]) -> float:
+    return sum(r.self_us for r in rows) / 1000
+
+
+def import_rows(python: str, statement: str = DAEMON_IMPORTS) -> list[ImportRow]:
+    done = subprocess.run([python, "-X", "importtime", "-c", statement],
+                          capture_output=True, text=True, check=True)
+    return parse_importtime(done.stderr)
+
+
+def thread_count(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--settle", type=float, default=5.0)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--no-daemon", action="store_true", help="import time only")
+    args = parser.parse_args()
+
+    runs = [import_rows(sys.executable) for _ in range(args.runs)]
+    runs.sort(key=total_ms)
+    median = runs[len(runs) // 2]
+    print(f"import time of the daemon ({args.runs} runs): median "
+          f"{total_ms(median):.0f} ms, min {total_ms(runs[0]):.0f} ms, "
+          f"max {total_ms(runs[-1]):.0f} ms")
+    cripy_rows = [r for r in median if r.module.startswith("cripy.")]
+    for row in sorted(median, key=lambda r: -r.cumulative_us)[:args.top]:
+        print(f"  {row.cumulative_us / 1000:7.1f} ms  {row.module}")
+    print(f"  modules imported: {len(median)} ({len(cripy_rows)} of cripy)")
+    if args.no_daemon:
+        return
+    with tempfile.TemporaryDirectory(prefix="cripy-footprint-") as tmp:
+        daemon = Daemon(Path(tmp) / "daemon")
+        with daemon:
+            assert daemon.process is not None
+            time.sleep(args.settle)
+            samples = []
+            for _ in range(5):
+                samples.append(rss_bytes(daemon.process.pid))
+                time.sleep(0.2)
+            threads = thread_count(daemon.process.pid)
+    print(f"idle daemon RSS: {statistics.median(samples) / 2**20:.1f} MiB, "
+          f"{threads} threads (after {args.settle:.0f} s idle)")
+
+
+if __name__ == "__main__":
+    main()
