@@ -7,7 +7,6 @@ import asyncio
 import sys
 
 from cripy import __version__
-from cripy.cli import ctl, status
 from cripy.config import (
     DEFAULT_CONFIG_DIR,
     DEFAULT_CONFIG_FILE,
@@ -72,7 +71,9 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
              f"order (default {DEFAULT_CONFIG_DIR} when --config is not given)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(clients: bool = True) -> argparse.ArgumentParser:
+    """`clients`: also the `ctl` and `status` commands (the daemon does without them:
+    their modules cost a third of its import time)."""
     parser = argparse.ArgumentParser(prog="cripy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cripy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -108,13 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also systemctl enable --now cripy.service")
     service.set_defaults(func=install_service)
 
-    ctl.add_parser(commands)
-    status.add_parser(commands)
+    if clients:
+        from cripy.cli import ctl, status
+
+        ctl.add_parser(commands)
+        status.add_parser(commands)
     return parser
 
 
+def _command(argv: list[str]) -> str:
+    """The command word: the first argument that is not an option."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(clients=_command(argv) != "daemon").parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:

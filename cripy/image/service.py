@@ -31,6 +31,7 @@ from cripy.image.registry import Credentials, RegistryClient, Resolved
 from cripy.image.store import ImageRecord, ImageStore, LayerRecord, digest_hex
 from cripy.metrics import record_pull
 from cripy.oci.handlers import select
+from cripy.runtime.locks import LockTable
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class ImageManager:
         self.config = config
         self.store = store
         self.client = client
-        self._layer_locks: dict[str, asyncio.Lock] = {}
+        self._layer_locks = LockTable()  # by diff ID; an entry lives while it is used
         self._gc_lock = asyncio.Lock()
         # Parsed image configs by ID: content-addressed, so never stale. ListImages reads
         # every image's user from them, and the kubelet lists images often.
@@ -145,8 +146,7 @@ class ImageManager:
 
     async def _ensure_layer(self, resolved: Resolved, desc: Descriptor, diff_id: str) -> int:
         """Download and unpack one layer unless it is already stored; its unpacked size."""
-        lock = self._layer_locks.setdefault(diff_id, asyncio.Lock())
-        async with lock, self._download_slots:
+        async with self._layer_locks.hold(diff_id), self._download_slots:
             if not self.store.has_layer(diff_id):
                 await self._unpack_layer(resolved, desc, diff_id)
         return self.store.layer_record(diff_id).size

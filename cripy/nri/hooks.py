@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 from collections.abc import Iterable
@@ -38,13 +39,14 @@ from cripy.nri.adjust import (
     merge_update,
     update_to_cri,
 )
-from cripy.nri.plugins import Plugin, PluginError, PluginRegistry
+from cripy.nri.errors import PluginError
 from cripy.nri.ttrpc import MAX_MESSAGE_LENGTH
 from cripy.oci import cdi
 from cripy.runtime.events import STOPPED
 from cripy.runtime.store import Container, ContainerState, PodState, Sandbox
 
 if TYPE_CHECKING:
+    from cripy.nri.plugins import Plugin, PluginRegistry
     from cripy.runtime.container import ContainerManager
     from cripy.runtime.events import EventBus
     from cripy.runtime.sandbox import SandboxManager
@@ -93,7 +95,9 @@ class Nri:
         self._announced = {s.id for s in sandboxes.all()} | {c.id for c in containers.all()}
         self._stop_told = {c.id for c in containers.all() if not c.live}
         self._resctrl = await asyncio.to_thread(os.path.isdir, RESCTRL_INFO)
-        self.registry = PluginRegistry(config, runtime_version, self._synchronize,
+        # The plugin machinery loads only when NRI is on, in a thread (about 30 ms).
+        plugins = await asyncio.to_thread(importlib.import_module, "cripy.nri.plugins")
+        self.registry = plugins.PluginRegistry(config, runtime_version, self._synchronize,
                                        self._unsolicited_updates)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_exits(events))
         await self.registry.start()

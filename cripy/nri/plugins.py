@@ -44,6 +44,7 @@ from cripy.nri.connection import (
     plugin_socketpair,
     start_listener,
 )
+from cripy.nri.errors import PluginError
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,6 @@ if fd != target:
     os.close(fd)
 os.execv(sys.argv[3], sys.argv[3:])
 """
-
-
-class PluginError(FailedPreconditionError):
-    """A plugin answered a request with an error."""
 
 
 @dataclass(eq=False)

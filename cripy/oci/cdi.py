@@ -21,11 +21,9 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
@@ -318,9 +316,15 @@ def _annotations(obj: Mapping[str, Any], where: str) -> None:
 def parse_spec(data: bytes, path: str, priority: int = 0) -> Spec:
     """A spec file's contents (JSON, or YAML for a `.yaml` file) -> Spec; SpecError if it
     is not valid CDI."""
+    decode: Callable[[bytes], Any] = json.loads
+    errors: tuple[type[Exception], ...] = (ValueError,)
+    if path.endswith(".yaml"):
+        import yaml  # only for YAML spec files: most nodes never load it
+
+        decode, errors = yaml.safe_load, (ValueError, yaml.YAMLError)
     try:
-        raw = yaml.safe_load(data) if path.endswith(".yaml") else json.loads(data)
-    except (ValueError, yaml.YAMLError) as exc:
+        raw = decode(data)
+    except errors as exc:
         raise SpecError(f"not valid {'YAML' if path.endswith('.yaml') else 'JSON'}: "
                         f"{str(exc).splitlines()[0]}") from None
     _fields(raw, "spec", ("cdiVersion", "kind", "annotations", "devices", "containerEdits"))
