@@ -8,9 +8,11 @@ verified, and every httpx failure is turned into a CripyError naming the host.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -20,10 +22,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
-
-import httpx
 
 from cripy.config import Config
 from cripy.errors import (
@@ -50,6 +50,11 @@ from cripy.image.manifest import (
 )
 from cripy.image.pipeline import BytesSink
 from cripy.image.reference import Reference, is_digest
+
+if TYPE_CHECKING:
+    # Loaded at the first request, in a thread (RegistryClient._client): a node that is
+    # not pulling does not hold it. Functions that use it at run time import it locally.
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -338,16 +343,25 @@ class RegistryClient:
         """`transport` replaces the network (tests pass an httpx.MockTransport)."""
         self._config = config
         self._timeout = config.image.registry_timeout
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(self._timeout),
-            follow_redirects=False,  # followed by hand, to control auth and loops
-            headers={"User-Agent": USER_AGENT},
-            transport=transport,
-        )
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
         self._tokens: dict[_TokenKey, _Token] = {}
 
+    async def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            module = await asyncio.to_thread(importlib.import_module, "httpx")
+            if self._http is None:  # another request may have made it meanwhile
+                self._http = module.AsyncClient(
+                    timeout=module.Timeout(self._timeout),
+                    follow_redirects=False,  # followed by hand, to control auth and loops
+                    headers={"User-Agent": USER_AGENT},
+                    transport=self._transport,
+                )
+        return self._http
+
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     # -- resolve --
 
@@ -524,6 +538,9 @@ class RegistryClient:
         Authorization goes only to the origin of the first URL: a redirect to a CDN or
         another host must not receive the registry's credentials.
         """
+        http = await self._client()
+        import httpx  # loaded by _client
+
         with _mapped_errors(host, self._timeout):
             first = httpx.URL(url)
         origin = _origin(first)
@@ -536,9 +553,9 @@ class RegistryClient:
             target_host = host if _origin(current) == origin else \
                 f"{host} (redirected to {current.netloc.decode(errors='replace')})"
             with _mapped_errors(target_host, self._timeout):
-                request = self._http.build_request(method, current, headers=request_headers,
-                                                   data=data, params=params)
-                resp = await self._http.send(request, stream=True)
+                request = http.build_request(method, current, headers=request_headers,
+                                             data=data, params=params)
+                resp = await http.send(request, stream=True)
             if resp.status_code not in _REDIRECT_CODES:
                 return resp
             location = resp.headers.get("location")
@@ -680,6 +697,8 @@ class RegistryClient:
                     if creds.username:
                         user_pass = (creds.username, creds.identity_token)
             if resp is None:
+                import httpx  # loaded: a token is fetched after a request was answered
+
                 params = httpx.QueryParams({"service": service} if service else {})
                 for scope in scopes:
                     params = params.add("scope", scope)
@@ -724,6 +743,8 @@ def _token_from(body: bytes, what: str) -> _Token:
 @contextmanager
 def _mapped_errors(host: str, timeout: float) -> Iterator[None]:
     """httpx failures -> CripyError naming the host; nothing from httpx escapes."""
+    import httpx  # loaded by RegistryClient._client before any request
+
     try:
         yield
     except httpx.ConnectTimeout as exc:
