@@ -5,9 +5,11 @@ serves (the CLI entry point and cripy.daemon), in a fresh interpreter each time,
 times; the median of the total and the modules that cost the most (cumulative, in the
 median run) are printed. Idle RSS: a daemon is started in a temporary state dir (no pods,
 no images), left alone for --settle seconds, and its VmRSS and thread count are read from
-/proc. Starting a daemon needs root and the test lock:
+/proc. --cripy NAME=PYTHON measures another checkout's cripy the same way, interleaved
+(before and after comparisons). Starting a daemon needs root and the test lock:
 
 Usage: flock /tmp/cripy-test.lock python -m benchmarks.footprint [--runs 7] [--settle 5]
+           [--cripy main=../main/.venv/bin/python] [--no-daemon]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.cri_bench import rss_bytes
+from benchmarks.pull import named
 from tests.support.daemon import Daemon
 
 DAEMON_IMPORTS = "import cripy.cli.main, cripy.daemon, cripy.logs"
@@ -53,8 +56,9 @@ def total_ms(rows: list[ImportRow]) -> float:
 
 
 def import_rows(python: str, statement: str = DAEMON_IMPORTS) -> list[ImportRow]:
+    # Away from this checkout, so that another interpreter imports its own cripy.
     done = subprocess.run([python, "-X", "importtime", "-c", statement],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, cwd="/")
     return parse_importtime(done.stderr)
 
 
@@ -72,32 +76,46 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--no-daemon", action="store_true", help="import time only")
+    parser.add_argument("--cripy", type=named, action="append", default=[],
+                        metavar="NAME=PYTHON",
+                        help="also another cripy, run by that interpreter (interleaved)")
     args = parser.parse_args()
+    pythons = [("cripy", sys.executable), *args.cripy]
 
-    runs = [import_rows(sys.executable) for _ in range(args.runs)]
-    runs.sort(key=total_ms)
-    median = runs[len(runs) // 2]
-    print(f"import time of the daemon ({args.runs} runs): median "
-          f"{total_ms(median):.0f} ms, min {total_ms(runs[0]):.0f} ms, "
-          f"max {total_ms(runs[-1]):.0f} ms")
-    cripy_rows = [r for r in median if r.module.startswith("cripy.")]
-    for row in sorted(median, key=lambda r: -r.cumulative_us)[:args.top]:
-        print(f"  {row.cumulative_us / 1000:7.1f} ms  {row.module}")
-    print(f"  modules imported: {len(median)} ({len(cripy_rows)} of cripy)")
+    runs: dict[str, list[list[ImportRow]]] = {name: [] for name, _ in pythons}
+    for _ in range(args.runs):
+        for name, python in pythons:
+            runs[name].append(import_rows(python))
+    for name, found in runs.items():
+        found.sort(key=total_ms)
+        median = found[len(found) // 2]
+        print(f"[{name}] import time of the daemon ({args.runs} runs): median "
+              f"{total_ms(median):.0f} ms, min {total_ms(found[0]):.0f} ms, "
+              f"max {total_ms(found[-1]):.0f} ms")
+        cripy_rows = [r for r in median if r.module.startswith("cripy.")]
+        for row in sorted(median, key=lambda r: -r.cumulative_us)[:args.top]:
+            print(f"  {row.cumulative_us / 1000:7.1f} ms  {row.module}")
+        print(f"  modules imported: {len(median)} ({len(cripy_rows)} of cripy)")
     if args.no_daemon:
         return
+    for name, python in pythons:
+        rss, threads = idle_daemon(python if name != "cripy" else "", args.settle)
+        print(f"[{name}] idle daemon RSS: {rss / 2**20:.1f} MiB, {threads} threads "
+              f"(after {args.settle:.0f} s idle)")
+
+
+def idle_daemon(python: str, settle: float) -> tuple[float, int]:
+    """RSS (median of five samples) and threads of a fresh daemon left alone."""
     with tempfile.TemporaryDirectory(prefix="cripy-footprint-") as tmp:
-        daemon = Daemon(Path(tmp) / "daemon")
+        daemon = Daemon(Path(tmp) / "daemon", python=python)
         with daemon:
             assert daemon.process is not None
-            time.sleep(args.settle)
+            time.sleep(settle)
             samples = []
             for _ in range(5):
                 samples.append(rss_bytes(daemon.process.pid))
                 time.sleep(0.2)
-            threads = thread_count(daemon.process.pid)
-    print(f"idle daemon RSS: {statistics.median(samples) / 2**20:.1f} MiB, "
-          f"{threads} threads (after {args.settle:.0f} s idle)")
+            return statistics.median(samples), thread_count(daemon.process.pid)
 
 
 if __name__ == "__main__":
