@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--cripy", type=named, action="append", default=[],
                         metavar="NAME=PYTHON",
                         help="also another cripy, run by that interpreter (interleaved)")
+    parser.add_argument("--env", type=named, action="append", default=[],
+                        metavar="NAME=VALUE", help="in the daemons' environment")
     args = parser.parse_args()
     pythons = [("cripy", sys.executable), *args.cripy]
 
@@ -99,16 +101,18 @@ def main() -> None:
     if args.no_daemon:
         return
     for name, python in pythons:
-        rss, threads = idle_daemon(python if name != "cripy" else "", args.settle)
+        rss, threads = idle_daemon(python if name != "cripy" else "", args.settle,
+                                   dict(args.env))
         print(f"[{name}] idle daemon RSS: {rss / 2**20:.1f} MiB, {threads} threads "
               f"(after {args.settle:.0f} s idle)")
 
 
-def idle_daemon(python: str, settle: float) -> tuple[float, int]:
+def idle_daemon(python: str, settle: float, env: dict[str, str]) -> tuple[float, int]:
     """RSS (median of five samples) and threads of a fresh daemon left alone."""
     with tempfile.TemporaryDirectory(prefix="cripy-footprint-") as tmp:
         daemon = Daemon(Path(tmp) / "daemon", python=python)
-        with daemon:
+        try:
+            daemon.start(env=env)
             assert daemon.process is not None
             time.sleep(settle)
             samples = []
@@ -116,6 +120,11 @@ def idle_daemon(python: str, settle: float) -> tuple[float, int]:
                 samples.append(rss_bytes(daemon.process.pid))
                 time.sleep(0.2)
             return statistics.median(samples), thread_count(daemon.process.pid)
+        finally:
+            try:
+                daemon.stop()
+            finally:
+                daemon.kill()
 
 
 if __name__ == "__main__":
