@@ -375,6 +375,8 @@ class Store(Generic[T]):
     async def update(self, object_id: str, fn: Callable[[T], T]) -> T:
         """Apply `fn` to the current object, check the state change, write the record,
         then make the result current. Updates of one object are applied one at a time."""
+        if object_id not in self._items:  # no lock is kept for an ID that never was
+            raise NotFoundError(f"{self.cls.kind} {object_id!r} not found")
         lock = self._updating.setdefault(object_id, asyncio.Lock())
         async with lock:
             current = self._items.get(object_id)

@@ -190,6 +190,20 @@ def test_updates_of_one_object_apply_in_turn(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_updates_of_unknown_or_removed_objects_leave_no_state(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = containers(tmp_path)
+        for n in range(100):
+            with pytest.raises(NotFoundError):
+                await store.set(f"{n:064x}", exit_code=1)
+        await store.add(container("c" * 64))
+        await store.set("c" * 64, exit_code=1)
+        await store.delete("c" * 64)
+        assert store._updating == {}
+
+    asyncio.run(main())
+
+
 def test_records_round_trip_with_their_version(tmp_path: Path) -> None:
     async def main() -> None:
         store = containers(tmp_path)
