@@ -389,6 +389,26 @@ def test_container_lifecycle(node: Node) -> None:
     run(node, scenario)
 
 
+def test_creation_steps_are_recorded(node: Node) -> None:
+    async def scenario(n: Node) -> None:
+        pod = n.sandboxes.get(await n.pod())
+        assert set(pod.creation_steps) == {"cgroup", "namespaces", "shm", "cni", "pod_files",
+                                           "nri"}
+        cid = await n.create(pod.id)
+        created = await n.containers.get(cid)
+        assert set(created.creation_steps) == {"image", "rootfs", "spec", "nri", "runc_create"}
+        await n.containers.start(cid)
+        started = await n.containers.get(cid)
+        assert set(started.creation_steps) == {*created.creation_steps, "start"}
+        assert all(s >= 0 for s in [*pod.creation_steps.values(),
+                                    *started.creation_steps.values()])
+        n.make()  # a restart: the steps come back from the records
+        await n.sandboxes.recover()
+        assert n.sandboxes.get(pod.id).creation_steps == pod.creation_steps
+
+    run(node, scenario)
+
+
 def test_exits_are_reported_with_their_reason(node: Node) -> None:
     async def scenario(n: Node) -> None:
         pod_id = await n.pod()
