@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import statistics
 import tempfile
 import time
@@ -27,15 +26,9 @@ from cripy.api import api_pb2 as pb
 from tests.support.daemon import Daemon
 from tests.support.images import push_busybox
 from tests.support.pods import bridge_network, container_config, pod_config, remove_cgroup
-from tests.support.registry import Registry
+from tests.support.registry import Registry, free_port
 
 CGROUP_PARENT = "/cripy-pod-steps"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def teardown_means(port: int) -> dict[str, float]:

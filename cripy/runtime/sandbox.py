@@ -42,6 +42,7 @@ from cripy.runtime.podfiles import pod_hostname, write_pod_files
 from cripy.runtime.ports import HOST, Host, Network, OciDriver
 from cripy.runtime.store import PodState, Sandbox, Store
 from cripy.runtime.timing import Steps
+from cripy.tasks import all_done
 
 if TYPE_CHECKING:
     from cripy.runtime.container import ContainerManager
@@ -136,12 +137,12 @@ class SandboxManager:
         return sandbox
 
     async def _build(self, sandbox: Sandbox, steps: Steps) -> dict[str, Any]:
-        """Make the pod's namespaces, network and files; returns the record's new fields
-        (the pinned namespaces are recorded at once, so a crash can give them back)."""
+        """Make the pod's cgroup, namespaces, /dev/shm, network and files; returns the
+        record's new fields. The pinned namespaces are recorded with the ready state only:
+        what a crash before leaves is found by its place (`_release` unpins the pod's ns
+        directory and DELs the network its CNI cache names, whatever the record holds)."""
         config, options = sandbox.config, sandbox.options
         pod_dir = self.pod_dir(sandbox.id)
-        await steps.timed("cgroup", pod_resources.apply(
-            self, sandbox, config.linux.resources, config.linux.overhead))
         await asyncio.to_thread(_make_dirs, pod_dir, config.log_directory)
         hostname = pod_hostname(config, socket.gethostname())
         kinds = []
@@ -150,14 +151,25 @@ class SandboxManager:
         if options.ipc != pb.NODE:
             kinds.append("ipc")
         userns = pod_userns(config)
-        if kinds:
+
+        async def namespaces() -> dict[str, str]:
+            if not kinds:
+                return {}
             pinned = await steps.timed("namespaces", self.host.pin_namespaces(
                 pod_dir / "ns", kinds, hostname if "uts" in kinds else None, userns))
-            sandbox = await self.store.set(
-                sandbox.id, namespaces={kind: str(path) for kind, path in pinned.items()})
             crash_point("run-pod-after-namespaces")
-        if options.ipc != pb.NODE:
-            await steps.timed("shm", self.host.mount_tmpfs(pod_dir / "shm", SHM_OPTIONS))
+            return {kind: str(path) for kind, path in pinned.items()}
+
+        async def shm() -> None:
+            if options.ipc != pb.NODE:
+                await steps.timed("shm", self.host.mount_tmpfs(pod_dir / "shm", SHM_OPTIONS))
+
+        # Independent of each other; all of them finish (or fail) before any cleanup.
+        _, pinned, _ = await all_done(
+            steps.timed("cgroup", pod_resources.apply(
+                self, sandbox, config.linux.resources, config.linux.overhead)),
+            namespaces(), shm())
+        sandbox = replace(sandbox, namespaces=pinned)
         ips: list[str] = []
         if options.network != pb.NODE:
             network = await steps.timed("cni", self.cni.setup(
@@ -171,7 +183,7 @@ class SandboxManager:
             write_pod_files, pod_dir, config, hostname, ips[0] if ips else None))
         infra_pid = (await steps.timed("infra", self._start_infra(sandbox))
                      if sandbox.shares_pid else None)
-        return {"ips": tuple(ips), "infra_pid": infra_pid}
+        return {"ips": tuple(ips), "infra_pid": infra_pid, "namespaces": pinned}
 
     async def _start_infra(self, sandbox: Sandbox) -> int:
         """catatonit as the PID 1 every container of the pod shares."""
@@ -287,11 +299,17 @@ class SandboxManager:
             with steps.step("infra"):
                 await self.oci.stop(sandbox.id, INFRA_STOP_TIMEOUT)
                 await self.oci.delete(sandbox.id)
-        if sandbox.options.network != pb.NODE:
-            net = sandbox.namespaces.get("net")
-            await steps.timed("cni", self.cni.teardown(sandbox.id, Path(net) if net else None))
         pod_dir = self.pod_dir(sandbox.id)
-        await steps.timed("shm", self.host.unmount(pod_dir / "shm"))
+
+        async def network() -> None:
+            if sandbox.options.network != pb.NODE:
+                net = sandbox.namespaces.get("net")
+                await steps.timed("cni", self.cni.teardown(sandbox.id,
+                                                           Path(net) if net else None))
+
+        # The network's DEL needs the namespace, nothing of /dev/shm: side by side.
+        await all_done(network(), steps.timed("shm", self.host.unmount(pod_dir / "shm")))
+        crash_point("stop-pod-after-network")
         await steps.timed("namespaces", self.host.unpin_namespaces(pod_dir / "ns"))
 
     async def _destroy(self, sandbox_id: str, steps: Steps | None = None) -> None:
@@ -304,6 +322,7 @@ class SandboxManager:
                 log.warning("pod %s: releasing resources failed: %s", sandbox_id[:12], exc)
                 raise
         await steps.timed("pod_dir", asyncio.to_thread(remove_tree, self.pod_dir(sandbox_id)))
+        crash_point("remove-pod-after-pod-dir")
         await steps.timed("record", self.store.delete(sandbox_id))
 
     def _publish(self, kind: str, sandbox: Sandbox) -> None:
