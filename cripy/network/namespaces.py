@@ -1,7 +1,8 @@
 """Pod namespaces (net, ipc, uts) pinned to files, with no process keeping them alive.
 
 A thread of the daemon's own, started for this alone, unshares the namespaces (net, UTS
-and IPC namespaces belong to a thread, not to the whole process), sets the hostname and
+and IPC namespaces belong to a thread, not to the whole process), sets the hostname,
+brings up `lo` in the new network namespace (so no CNI loopback plugin is needed) and
 bind-mounts its /proc/thread-self/ns files onto the pin files, then ends: the bind mount
 is what holds each namespace, and no other work ever runs in them. No process is
 spawned. Inside a pod user namespace, a forked helper does it (cripy.oci.userns: a
@@ -34,6 +35,7 @@ from cripy.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
+from cripy.network.loopback import bring_up_lo
 from cripy.oci.userns import PodUserns, pin_argv
 from cripy.tasks import to_thread_to_the_end
 
@@ -152,6 +154,8 @@ def _pin_in_own_thread(paths: dict[str, Path], hostname: str | None) -> None:
             if hostname is not None:
                 name = hostname.encode()
                 _check(_libc.sethostname(name, len(name)), f"sethostname {hostname}")
+            if "net" in paths:
+                bring_up_lo()
             for kind, path in paths.items():
                 _mount(f"/proc/thread-self/ns/{kind}", str(path), _MS_BIND)
         except OSError as exc:

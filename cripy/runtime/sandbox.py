@@ -176,6 +176,7 @@ class SandboxManager:
                 sandbox.id, Path(sandbox.namespaces["net"]),
                 pod_name=config.metadata.name, pod_namespace=config.metadata.namespace,
                 pod_uid=config.metadata.uid, port_mappings=_port_mappings(config),
+                lo_is_up=True,  # pinned with lo up (cripy.network.namespaces)
             ))
             ips = list(network.ips)
             crash_point("run-pod-after-network")
@@ -258,15 +259,24 @@ class SandboxManager:
             return  # the CRI: stopping what is gone succeeds
         steps = Steps()
         async with self.locks.hold(sandbox.id):
-            await steps.timed("containers", self.containers.stop_all_in(sandbox.id))
-            crash_point("stop-pod-after-containers")
             current = self.find(sandbox.id)
             if current is None:  # removed while we waited
+                return
+            # With NRI off nobody is told of anything between the containers' stop and the
+            # network's DEL, and neither needs the other (the containers are killed): the
+            # network goes while they die. Plugins, and an infra process, keep the order.
+            side_by_side = self.nri.registry is None and current.infra_pid is None
+            await all_done(
+                steps.timed("containers", self.containers.stop_all_in(current.id)),
+                *([self._release_network(current, steps)] if side_by_side else []))
+            crash_point("stop-pod-after-containers")
+            current = self.find(sandbox.id)
+            if current is None:
                 return
             if current.state == READY:  # plugins hear of the first stop only
                 await steps.timed("nri", self.nri.stop_pod_sandbox(
                     current, self.containers.in_sandbox(current.id)))
-            await self._release(current, steps)
+            await self._release(current, steps, network_released=side_by_side)
             if current.state == READY:
                 with steps.step("record"):
                     stopped = await self.store.set(current.id, state=NOTREADY)
@@ -292,25 +302,31 @@ class SandboxManager:
         await self.nri.remove_pod_sandbox(current, members, was_ready=current.state == READY)
         log.info("pod %s removed", sandbox.id[:12])
 
-    async def _release(self, sandbox: Sandbox, steps: Steps | None = None) -> None:
+    async def _release(self, sandbox: Sandbox, steps: Steps | None = None, *,
+                       network_released: bool = False) -> None:
         """Give back what a running pod holds; safe to repeat and after a crash."""
         steps = steps or Steps()
         if sandbox.infra_pid is not None:
             with steps.step("infra"):
                 await self.oci.stop(sandbox.id, INFRA_STOP_TIMEOUT)
                 await self.oci.delete(sandbox.id)
-        pod_dir = self.pod_dir(sandbox.id)
+        if not network_released:
+            await self._release_network(sandbox, steps)
+        crash_point("stop-pod-after-network")
+        await steps.timed("namespaces", self.host.unpin_namespaces(
+            self.pod_dir(sandbox.id) / "ns"))
 
+    async def _release_network(self, sandbox: Sandbox, steps: Steps) -> None:
+        """CNI DEL and the /dev/shm unmount, side by side (the DEL needs the network
+        namespace, still pinned, and nothing of /dev/shm)."""
         async def network() -> None:
             if sandbox.options.network != pb.NODE:
                 net = sandbox.namespaces.get("net")
                 await steps.timed("cni", self.cni.teardown(sandbox.id,
                                                            Path(net) if net else None))
 
-        # The network's DEL needs the namespace, nothing of /dev/shm: side by side.
-        await all_done(network(), steps.timed("shm", self.host.unmount(pod_dir / "shm")))
-        crash_point("stop-pod-after-network")
-        await steps.timed("namespaces", self.host.unpin_namespaces(pod_dir / "ns"))
+        await all_done(network(), steps.timed(
+            "shm", self.host.unmount(self.pod_dir(sandbox.id) / "shm")))
 
     async def _destroy(self, sandbox_id: str, steps: Steps | None = None) -> None:
         steps = steps or Steps()

@@ -45,11 +45,11 @@ def test_pin_net_ipc_uts_with_a_hostname(ns_dir: Path) -> None:
     assert pinned == {k: ns_dir / k for k in ("net", "ipc", "uts")}
     assert all(is_pinned(p) for p in pinned.values())
     assert run("nsenter", f"--uts={pinned['uts']}", "hostname") == "web-0"
-    # Fresh namespaces, not ours: other inodes, and a network with only a (down) lo.
+    # Fresh namespaces, not ours: other inodes, and a network with only lo, which is up.
     for kind, path in pinned.items():
         assert os.stat(path).st_ino != os.stat(f"/proc/self/ns/{kind}").st_ino
     links = run("nsenter", f"--net={pinned['net']}", "ip", "-o", "link").splitlines()
-    assert len(links) == 1 and ": lo:" in links[0]
+    assert len(links) == 1 and ": lo:" in links[0] and ",UP," in links[0]
     assert len(mounts_under(ns_dir)) == 3
 
     asyncio.run(unpin_namespaces(ns_dir))

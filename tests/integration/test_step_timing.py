@@ -89,9 +89,9 @@ def test_verbose_status_reports_every_creation_step(timed: tuple[Pods, int]) -> 
     assert config.metadata.name == "timed"
 
     # cripy ctl inspectp / inspect show them with the rest of the verbose info.
-    [shown_pod] = json.loads(pods.node.daemon.ctl("inspectp", pod_id).stdout)
+    shown_pod = json.loads(pods.node.daemon.ctl("inspectp", pod_id).stdout)
     assert shown_pod["info"]["info"]["creationSteps"] == steps
-    [shown] = json.loads(pods.node.daemon.ctl("inspect", cid).stdout)
+    shown = json.loads(pods.node.daemon.ctl("inspect", cid).stdout)
     assert shown["info"]["info"]["creationSteps"] == after_start
 
     # They are in the records: a restart reports the same figures.

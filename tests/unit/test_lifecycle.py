@@ -142,7 +142,8 @@ class FakeNetwork:
         self.fail_setup = False
 
     async def setup(self, pod_id: str, netns: Path, *, pod_name: str, pod_namespace: str,
-                    pod_uid: str, port_mappings: Sequence[PortMapping] = ()) -> PodNetwork:
+                    pod_uid: str, port_mappings: Sequence[PortMapping] = (),
+                    lo_is_up: bool = False) -> PodNetwork:
         if self.fail_setup:
             raise FailedPreconditionError("no network")
         ip = f"10.88.0.{len(self.attached) + 2}"
