@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -58,6 +58,19 @@ PULL_BYTES = Counter("cripy_image_pulls_bytes", "Bytes downloaded by image pulls
                      registry=REGISTRY)
 PULL_DURATION = Histogram("cripy_image_pull_duration_seconds", "Time taken by image pulls.",
                           buckets=_PULL_BUCKETS, registry=REGISTRY)
+POD_CREATION_STEPS = Histogram(
+    "cripy_pod_creation_step_seconds",
+    "Time taken by each step of RunPodSandbox (cgroup, namespaces, shm, cni, pod_files, "
+    "infra), by step.", ["step"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+POD_TEARDOWN_STEPS = Histogram(
+    "cripy_pod_teardown_step_seconds",
+    "Time taken by each step of StopPodSandbox and RemovePodSandbox, by RPC name and step.",
+    ["operation", "step"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+CONTAINER_CREATION_STEPS = Histogram(
+    "cripy_container_creation_step_seconds",
+    "Time taken by each step of CreateContainer (image, rootfs, spec, runc_create) and "
+    "StartContainer (start), by step.", ["step"], buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY)
 
 
 def record_rpc(name: str, seconds: float, code: str | None) -> None:
@@ -79,6 +92,16 @@ def record_pull(bytes_: int, seconds: float) -> None:
         PULL_DURATION.observe(max(seconds, 0.0))
     except Exception:
         log.exception("recording image pull metrics failed")
+
+
+def record_steps(histogram: Histogram, steps: Mapping[str, float], *labels: str) -> None:
+    """Observe each step's seconds in `histogram` (one of the *_STEPS above); `labels` are
+    its labels before "step"."""
+    try:
+        for step, seconds in steps.items():
+            histogram.labels(*labels, step).observe(max(seconds, 0.0))
+    except Exception:
+        log.exception("recording step metrics failed")
 
 
 class StateCollector:

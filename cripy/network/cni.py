@@ -5,7 +5,8 @@ Behaviour follows libcni as CRI-O and containerd use it:
 - the network is the first valid config file in the config dir by name;
 - ADD runs the list's plugins in order, each getting the previous result as
   `prevResult`; plugins declaring a capability (e.g. `portMappings`) get it in
-  `runtimeConfig`; the `loopback` plugin is run for `lo` first unless the list has it;
+  `runtimeConfig`; the `loopback` plugin is run for `lo` first unless the list has it
+  or the caller brought `lo` up itself (`lo_is_up`: cripy's pod namespaces come so);
 - every pod has a cache file (cache_dir/<pod_id>.json) with the exact config list,
   interface, netns, CNI_ARGS, runtimeConfig and final result. It is written *before*
   the first ADD (without a result) and again after the last, so that DEL after a crash,
@@ -160,7 +161,7 @@ class CNIManager:
 
     async def setup(self, pod_id: str, netns: Path, *, pod_name: str, pod_namespace: str,
                     pod_uid: str, port_mappings: Sequence[PortMapping] = (),
-                    ifname: str = "eth0") -> PodNetwork:
+                    ifname: str = "eth0", lo_is_up: bool = False) -> PodNetwork:
         """ADD the pod to the network; on failure nothing of it is left behind."""
         _check_id(pod_id)
         if not valid_ifname(ifname):
@@ -185,7 +186,7 @@ class CNIManager:
         caps: dict[str, Any] = {}
         if port_mappings:
             caps["portMappings"] = [m.to_cni() for m in port_mappings]
-        loopback = None if "loopback" in conflist.plugin_types else LOOPBACK
+        loopback = None if lo_is_up or "loopback" in conflist.plugin_types else LOOPBACK
         call = _Call(pod_id, str(netns), ifname, cni_args, caps)
 
         async with self._locked(pod_id):

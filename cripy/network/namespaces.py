@@ -1,8 +1,13 @@
 """Pod namespaces (net, ipc, uts) pinned to files, with no process keeping them alive.
 
-`unshare --net=FILE ...` creates the namespaces and bind-mounts them onto FILE, then
-exits; the bind mount is what holds each namespace. Unpinning is a lazy unmount plus
-unlink.
+A thread of the daemon's own, started for this alone, unshares the namespaces (net, UTS
+and IPC namespaces belong to a thread, not to the whole process), sets the hostname,
+brings up `lo` in the new network namespace (so no CNI loopback plugin is needed) and
+bind-mounts its /proc/thread-self/ns files onto the pin files, then ends: the bind mount
+is what holds each namespace, and no other work ever runs in them. No process is
+spawned. Inside a pod user namespace, a forked helper does it (cripy.oci.userns: a
+multi-threaded process cannot enter a new user namespace). Unpinning is a lazy unmount
+plus unlink.
 
 Propagation: when the mount holding the pin directory is shared (systemd makes / and
 /run shared), each nsfs bind mount would be copied into every peer mount namespace,
@@ -20,6 +25,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +35,9 @@ from cripy.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
+from cripy.network.loopback import bring_up_lo
 from cripy.oci.userns import PodUserns, pin_argv
+from cripy.tasks import to_thread_to_the_end
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,7 @@ KINDS = ("net", "ipc", "uts")  # also the order files are made and unpinned in
 PINNED = (*KINDS, "user")  # a pod's own user namespace (cripy.oci.userns) is pinned too
 UNSHARE_TIMEOUT = 30.0
 
+_CLONE_FLAGS = {"net": 0x40000000, "uts": 0x04000000, "ipc": 0x08000000}
 _MS_BIND = 0x1000
 _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
@@ -45,6 +54,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_void_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 
 
 async def pin_namespaces(directory: Path, kinds: Sequence[str],
@@ -74,7 +85,7 @@ async def pin_namespaces(directory: Path, kinds: Sequence[str],
             raise FailedPreconditionError(f"cannot pin namespaces in {directory}: {exc}") \
                 from None
         if userns is None:
-            await _unshare(paths, hostname)
+            await to_thread_to_the_end(_pin_in_own_thread, paths, hostname)
         else:
             await _run_pinner(pin_argv(directory, userns, wanted, hostname), wanted)
         dead = [str(p) for p in paths.values() if not is_pinned(p)]
@@ -129,10 +140,39 @@ def _prepare(directory: Path, files: list[Path]) -> None:
         os.close(fd)
 
 
-async def _unshare(paths: dict[str, Path], hostname: str | None) -> None:
-    argv = ["unshare", *(f"--{kind}={path}" for kind, path in paths.items()), "--"]
-    argv += ["hostname", "--", hostname] if hostname is not None else ["true"]
-    await _run_pinner(argv, list(paths))
+def _pin_in_own_thread(paths: dict[str, Path], hostname: str | None) -> None:
+    """Pin fresh namespaces of `paths`' kinds from a new thread (see the module docstring);
+    blocks until it has ended."""
+    failure: list[OSError] = []
+
+    def pin() -> None:
+        try:
+            flags = 0
+            for kind in paths:
+                flags |= _CLONE_FLAGS[kind]
+            _check(_libc.unshare(flags), f"unshare {'/'.join(paths)}")
+            if hostname is not None:
+                name = hostname.encode()
+                _check(_libc.sethostname(name, len(name)), f"sethostname {hostname}")
+            if "net" in paths:
+                bring_up_lo()
+            for kind, path in paths.items():
+                _mount(f"/proc/thread-self/ns/{kind}", str(path), _MS_BIND)
+        except OSError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=pin, name="cripy-pin-namespaces")
+    thread.start()
+    thread.join()
+    if failure:
+        raise FailedPreconditionError(
+            f"creating {'/'.join(paths)} namespaces failed: {failure[0]}")
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 async def _run_pinner(argv: list[str], kinds: Sequence[str]) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from cripy.api import api_pb2 as pb
 from cripy.errors import FailedPreconditionError, InvalidArgumentError
+from cripy.network.loopback import bring_up_lo
 from cripy.oci import idmap
 from cripy.oci.idmap import IDMap
 
@@ -221,6 +222,8 @@ def _pin(directory: Path, uids: Sequence[IDMap], gids: Sequence[IDMap],
         idmap.unshare(flags)
         if hostname is not None:
             socket.sethostname(hostname)
+        if "net" in kinds:
+            bring_up_lo()
 
     with idmap.in_new_userns(uids, gids, make_namespaces) as pid:
         for kind in ("user", *kinds):

@@ -27,6 +27,7 @@ from cripy.errors import (
 )
 from cripy.fsutil import atomic_write_json, remove_tree
 from cripy.image.store import ImageRecord
+from cripy.metrics import CONTAINER_CREATION_STEPS, record_steps
 from cripy.nri.hooks import Nri
 from cripy.oci import cdi, signals
 from cripy.oci.checkpoint import CheckpointArchive, CriuSupport
@@ -49,6 +50,7 @@ from cripy.runtime.store import (
     Sandbox,
     Store,
 )
+from cripy.runtime.timing import Steps, merged
 from cripy.storage import image_volume
 
 log = logging.getLogger(__name__)
@@ -224,6 +226,7 @@ class ContainerManager:
 
     async def create(self, sandbox_id: str, config: pb.ContainerConfig,
                      sandbox_config: pb.PodSandboxConfig) -> Container:
+        steps = Steps()
         sandbox = self.sandboxes.get(sandbox_id)
         if sandbox.state != READY:
             raise FailedPreconditionError(f"pod sandbox {sandbox.id} is not ready")
@@ -234,20 +237,23 @@ class ContainerManager:
         log_path = (str(validate_log_path(sandbox.config.log_directory, config.log_path))
                     if config.log_path else "")
         # An image that is a checkpoint archive restores that container (at its start).
-        restore = await self.checkpoints.open_archive(config.image.image,
-                                                      sandbox.runtime_handler)
+        with steps.step("image"):
+            restore = await self.checkpoints.open_archive(config.image.image,
+                                                          sandbox.runtime_handler)
         try:
-            image = (self.checkpoints.base_image(restore) if restore is not None
-                     else self.images.lookup(config.image.image))
+            with steps.step("image"):
+                image = (self.checkpoints.base_image(restore) if restore is not None
+                         else self.images.lookup(config.image.image))
             if image is None:
                 raise NotFoundError(f"image {config.image.image!r} not found: pull it first")
-            return await self._create(sandbox, config, image, log_path, restore)
+            return await self._create(sandbox, config, image, log_path, restore, steps)
         finally:
             if restore is not None and await asyncio.to_thread(restore.directory.exists):
                 await self.checkpoints.discard(restore)  # not adopted: the create failed
 
     async def _create(self, sandbox: Sandbox, config: pb.ContainerConfig, image: ImageRecord,
-                      log_path: str, restore: CheckpointArchive | None) -> Container:
+                      log_path: str, restore: CheckpointArchive | None, steps: Steps
+                      ) -> Container:
         async with contextlib.AsyncExitStack() as held:
             # Registered under the pod's lock: a stop or remove of the pod either comes
             # first (and this is refused) or finds the container and waits for its lock.
@@ -263,26 +269,31 @@ class ContainerManager:
                 ))
                 await held.enter_async_context(self.locks.hold(container.id))
             try:
-                built = await self._build(container, sandbox, image.layers, restore)
+                built = await self._build(container, sandbox, image.layers, restore, steps)
             except BaseException as exc:
                 log.warning("CreateContainer %s failed, cleaning up: %s", container.name, exc)
                 await asyncio.shield(self.nri.container_failed(container.id))
                 await asyncio.shield(self._destroy(container.id))
                 raise
-            container = await self.store.set(container.id, state=CREATED, **built)
+            container = await self.store.set(container.id, state=CREATED,
+                                             creation_steps=steps.durations(), **built)
+        record_steps(CONTAINER_CREATION_STEPS, container.creation_steps)
         self._publish(CREATED_EVENT, container)
         await self.nri.post_create_container(container)
         log.info("container %s (%s) created", container.id[:12], container.name)
         return container
 
     async def _build(self, container: Container, sandbox: Sandbox, layers: list[str],
-                     restore: CheckpointArchive | None = None) -> dict[str, Any]:
+                     restore: CheckpointArchive | None = None,
+                     steps: Steps | None = None) -> dict[str, Any]:
         """Make the rootfs, the bundle and the runc container; returns the record's new
         fields."""
         store = self.images.store
         record_dir = self.store.object_dir(container.id)
         bundle = self.bundle_dir(container.id)
         rootfs = bundle / "rootfs"
+        steps = steps or Steps()
+        rootfs_done = steps.begin("rootfs")
         # The layers (image volumes' too) are noted before the mount so image GC never
         # removes them under us.
         volume_images = {}
@@ -316,6 +327,7 @@ class ContainerManager:
         crash_point("create-container-after-mount")
         if restore is not None:
             await self.checkpoints.finish_rootfs(restore, rootfs)
+        rootfs_done()
         image = store.get(container.image_id)
         if image is None:
             raise NotFoundError(f"image {container.image_id} was removed during the create")
@@ -337,19 +349,20 @@ class ContainerManager:
             atomic_write_json(bundle / "config.json", spec)
             log_path.parent.mkdir(parents=True, exist_ok=True)
 
-        spec, image_config, cgroup_v2 = await asyncio.to_thread(build_spec)
-        await self.nri.create_container(sandbox, container, spec, cgroup_v2=cgroup_v2)
-        await asyncio.to_thread(write_bundle)
+        spec, image_config, cgroup_v2 = await steps.timed("spec", asyncio.to_thread(build_spec))
+        await steps.timed("nri", self.nri.create_container(sandbox, container, spec,
+                                                           cgroup_v2=cgroup_v2))
+        await steps.timed("spec", asyncio.to_thread(write_bundle))
         user = spec["process"]["user"]
         identity = {"stop_signal": signals.stop_signal(container.config, image_config),
                     "user": (user["uid"], user["gid"], *user.get("additionalGids", ()))}
         if restore is not None:  # CRIU makes the process at StartContainer
             return {"pid": 0, **identity}
         c = container.config
-        pid = await self.oci.create(
+        pid = await steps.timed("runc_create", self.oci.create(
             container.id, bundle, log_path, tty=c.tty, stdin=c.stdin, stdin_once=c.stdin_once,
             log_size_max=self.config.runtime.log_size_max, handler=sandbox.runtime_handler,
-            cgroup_parent=sandbox.config.linux.cgroup_parent)
+            cgroup_parent=sandbox.config.linux.cgroup_parent))
         crash_point("create-container-after-conmon")
         return {"pid": pid, **identity}
 
@@ -370,13 +383,18 @@ class ContainerManager:
             await self.nri.start_container(container)
             started_at = time.time_ns()  # taken first: a quick exit must not precede it
             changes: dict[str, Any] = {}
+            steps = Steps()
             if await self.checkpoints.pending(container.id):
-                changes["pid"] = await self.checkpoints.restore(container, sandbox)
+                changes["pid"] = await steps.timed(
+                    "start", self.checkpoints.restore(container, sandbox))
             else:
-                await self.oci.start(container.id)
+                await steps.timed("start", self.oci.start(container.id))
             crash_point("start-container-after-start")
-            container = await self.store.set(container.id, state=RUNNING,
-                                             started_at=started_at, **changes)
+            started = steps.durations()
+            container = await self.store.set(
+                container.id, state=RUNNING, started_at=started_at,
+                creation_steps=merged(container.creation_steps, started), **changes)
+        record_steps(CONTAINER_CREATION_STEPS, started)
         self._publish(STARTED, container)
         await self.nri.post_start_container(container)
         log.info("container %s started", container.id[:12])

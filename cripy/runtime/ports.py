@@ -55,7 +55,8 @@ class Network(Protocol):
     config_dir: str
 
     async def setup(self, pod_id: str, netns: Path, *, pod_name: str, pod_namespace: str,
-                    pod_uid: str, port_mappings: Sequence[PortMapping] = ()) -> PodNetwork: ...
+                    pod_uid: str, port_mappings: Sequence[PortMapping] = (),
+                    lo_is_up: bool = False) -> PodNetwork: ...
     async def teardown(self, pod_id: str, netns: Path | None) -> None: ...
 
 

@@ -29,6 +29,7 @@ from cripy.errors import (
     NotFoundError,
 )
 from cripy.fsutil import atomic_write_json, remove_tree
+from cripy.metrics import POD_CREATION_STEPS, POD_TEARDOWN_STEPS, record_steps
 from cripy.network.cni import PortMapping
 from cripy.nri.hooks import Nri
 from cripy.oci.apparmor import AppArmorHost
@@ -40,6 +41,8 @@ from cripy.runtime.locks import LockTable
 from cripy.runtime.podfiles import pod_hostname, write_pod_files
 from cripy.runtime.ports import HOST, Host, Network, OciDriver
 from cripy.runtime.store import PodState, Sandbox, Store
+from cripy.runtime.timing import Steps
+from cripy.tasks import all_done
 
 if TYPE_CHECKING:
     from cripy.runtime.container import ContainerManager
@@ -104,6 +107,7 @@ class SandboxManager:
     # --- RunPodSandbox ------------------------------------------------------------------
 
     async def run(self, config: pb.PodSandboxConfig, runtime_handler: str) -> Sandbox:
+        steps = Steps()
         _validate(config)
         pod_resources.pod_limits(config.linux.resources, config.linux.overhead)
         handler = self.oci.handler(runtime_handler)  # known, and usable on this host
@@ -116,25 +120,29 @@ class SandboxManager:
             created_at=time.time_ns()))
         async with self.locks.hold(sandbox.id):
             try:
-                built = await self._build(sandbox)
-                await self.nri.run_pod_sandbox(replace(self.store.get(sandbox.id), **built))
+                built = await self._build(sandbox, steps)
+                await steps.timed("nri", self.nri.run_pod_sandbox(
+                    replace(self.store.get(sandbox.id), **built)))
             except BaseException as exc:
                 log.warning("RunPodSandbox %s failed, cleaning up: %s", sandbox.name, exc)
                 await asyncio.shield(self.nri.pod_failed(sandbox.id))
                 await asyncio.shield(self._destroy(sandbox.id))
                 raise
-            sandbox = await self.store.set(sandbox.id, state=READY, **built)
+            sandbox = await self.store.set(sandbox.id, state=READY,
+                                           creation_steps=steps.durations(), **built)
+        record_steps(POD_CREATION_STEPS, sandbox.creation_steps)
         self._publish(CREATED, sandbox)
         self._publish(STARTED, sandbox)
         log.info("pod %s (%s) ready, ips %s", sandbox.id[:12], sandbox.name, list(sandbox.ips))
         return sandbox
 
-    async def _build(self, sandbox: Sandbox) -> dict[str, Any]:
-        """Make the pod's namespaces, network and files; returns the record's new fields
-        (the pinned namespaces are recorded at once, so a crash can give them back)."""
+    async def _build(self, sandbox: Sandbox, steps: Steps) -> dict[str, Any]:
+        """Make the pod's cgroup, namespaces, /dev/shm, network and files; returns the
+        record's new fields. The pinned namespaces are recorded with the ready state only:
+        what a crash before leaves is found by its place (`_release` unpins the pod's ns
+        directory and DELs the network its CNI cache names, whatever the record holds)."""
         config, options = sandbox.config, sandbox.options
         pod_dir = self.pod_dir(sandbox.id)
-        await pod_resources.apply(self, sandbox, config.linux.resources, config.linux.overhead)
         await asyncio.to_thread(_make_dirs, pod_dir, config.log_directory)
         hostname = pod_hostname(config, socket.gethostname())
         kinds = []
@@ -143,28 +151,40 @@ class SandboxManager:
         if options.ipc != pb.NODE:
             kinds.append("ipc")
         userns = pod_userns(config)
-        if kinds:
-            pinned = await self.host.pin_namespaces(pod_dir / "ns", kinds,
-                                          hostname if "uts" in kinds else None,
-                                          userns)
-            sandbox = await self.store.set(
-                sandbox.id, namespaces={kind: str(path) for kind, path in pinned.items()})
+
+        async def namespaces() -> dict[str, str]:
+            if not kinds:
+                return {}
+            pinned = await steps.timed("namespaces", self.host.pin_namespaces(
+                pod_dir / "ns", kinds, hostname if "uts" in kinds else None, userns))
             crash_point("run-pod-after-namespaces")
-        if options.ipc != pb.NODE:
-            await self.host.mount_tmpfs(pod_dir / "shm", SHM_OPTIONS)
+            return {kind: str(path) for kind, path in pinned.items()}
+
+        async def shm() -> None:
+            if options.ipc != pb.NODE:
+                await steps.timed("shm", self.host.mount_tmpfs(pod_dir / "shm", SHM_OPTIONS))
+
+        # Independent of each other; all of them finish (or fail) before any cleanup.
+        _, pinned, _ = await all_done(
+            steps.timed("cgroup", pod_resources.apply(
+                self, sandbox, config.linux.resources, config.linux.overhead)),
+            namespaces(), shm())
+        sandbox = replace(sandbox, namespaces=pinned)
         ips: list[str] = []
         if options.network != pb.NODE:
-            network = await self.cni.setup(
+            network = await steps.timed("cni", self.cni.setup(
                 sandbox.id, Path(sandbox.namespaces["net"]),
                 pod_name=config.metadata.name, pod_namespace=config.metadata.namespace,
                 pod_uid=config.metadata.uid, port_mappings=_port_mappings(config),
-            )
+                lo_is_up=True,  # pinned with lo up (cripy.network.namespaces)
+            ))
             ips = list(network.ips)
             crash_point("run-pod-after-network")
-        await asyncio.to_thread(write_pod_files, pod_dir, config, hostname,
-                                ips[0] if ips else None)
-        infra_pid = await self._start_infra(sandbox) if sandbox.shares_pid else None
-        return {"ips": tuple(ips), "infra_pid": infra_pid}
+        await steps.timed("pod_files", asyncio.to_thread(
+            write_pod_files, pod_dir, config, hostname, ips[0] if ips else None))
+        infra_pid = (await steps.timed("infra", self._start_infra(sandbox))
+                     if sandbox.shares_pid else None)
+        return {"ips": tuple(ips), "infra_pid": infra_pid, "namespaces": pinned}
 
     async def _start_infra(self, sandbox: Sandbox) -> int:
         """catatonit as the PID 1 every container of the pod shares."""
@@ -237,17 +257,31 @@ class SandboxManager:
             sandbox = self.get(sandbox_id)
         except NotFoundError:
             return  # the CRI: stopping what is gone succeeds
+        steps = Steps()
         async with self.locks.hold(sandbox.id):
-            await self.containers.stop_all_in(sandbox.id)
-            crash_point("stop-pod-after-containers")
             current = self.find(sandbox.id)
             if current is None:  # removed while we waited
                 return
+            # With NRI off nobody is told of anything between the containers' stop and the
+            # network's DEL, and neither needs the other (the containers are killed): the
+            # network goes while they die. Plugins, and an infra process, keep the order.
+            side_by_side = self.nri.registry is None and current.infra_pid is None
+            await all_done(
+                steps.timed("containers", self.containers.stop_all_in(current.id)),
+                *([self._release_network(current, steps)] if side_by_side else []))
+            crash_point("stop-pod-after-containers")
+            current = self.find(sandbox.id)
+            if current is None:
+                return
             if current.state == READY:  # plugins hear of the first stop only
-                await self.nri.stop_pod_sandbox(current, self.containers.in_sandbox(current.id))
-            await self._release(current)
+                await steps.timed("nri", self.nri.stop_pod_sandbox(
+                    current, self.containers.in_sandbox(current.id)))
+            await self._release(current, steps, network_released=side_by_side)
             if current.state == READY:
-                self._publish(STOPPED, await self.store.set(current.id, state=NOTREADY))
+                with steps.step("record"):
+                    stopped = await self.store.set(current.id, state=NOTREADY)
+                self._publish(STOPPED, stopped)
+        record_steps(POD_TEARDOWN_STEPS, steps.durations(), "StopPodSandbox")
         log.info("pod %s stopped", sandbox.id[:12])
 
     async def remove(self, sandbox_id: str) -> None:
@@ -255,39 +289,57 @@ class SandboxManager:
             sandbox = self.get(sandbox_id)
         except NotFoundError:
             return
+        steps = Steps()
         async with self.locks.hold(sandbox.id):
             members = self.containers.in_sandbox(sandbox.id)
-            await self.containers.remove_all_in(sandbox.id)
+            await steps.timed("containers", self.containers.remove_all_in(sandbox.id))
             current = self.find(sandbox.id)
             if current is None:
                 return
-            await self._destroy(sandbox.id)
+            await self._destroy(sandbox.id, steps)
+        record_steps(POD_TEARDOWN_STEPS, steps.durations(), "RemovePodSandbox")
         self._publish(DELETED, sandbox)
         await self.nri.remove_pod_sandbox(current, members, was_ready=current.state == READY)
         log.info("pod %s removed", sandbox.id[:12])
 
-    async def _release(self, sandbox: Sandbox) -> None:
+    async def _release(self, sandbox: Sandbox, steps: Steps | None = None, *,
+                       network_released: bool = False) -> None:
         """Give back what a running pod holds; safe to repeat and after a crash."""
+        steps = steps or Steps()
         if sandbox.infra_pid is not None:
-            await self.oci.stop(sandbox.id, INFRA_STOP_TIMEOUT)
-            await self.oci.delete(sandbox.id)
-        if sandbox.options.network != pb.NODE:
-            net = sandbox.namespaces.get("net")
-            await self.cni.teardown(sandbox.id, Path(net) if net else None)
-        pod_dir = self.pod_dir(sandbox.id)
-        await self.host.unmount(pod_dir / "shm")
-        await self.host.unpin_namespaces(pod_dir / "ns")
+            with steps.step("infra"):
+                await self.oci.stop(sandbox.id, INFRA_STOP_TIMEOUT)
+                await self.oci.delete(sandbox.id)
+        if not network_released:
+            await self._release_network(sandbox, steps)
+        crash_point("stop-pod-after-network")
+        await steps.timed("namespaces", self.host.unpin_namespaces(
+            self.pod_dir(sandbox.id) / "ns"))
 
-    async def _destroy(self, sandbox_id: str) -> None:
+    async def _release_network(self, sandbox: Sandbox, steps: Steps) -> None:
+        """CNI DEL and the /dev/shm unmount, side by side (the DEL needs the network
+        namespace, still pinned, and nothing of /dev/shm)."""
+        async def network() -> None:
+            if sandbox.options.network != pb.NODE:
+                net = sandbox.namespaces.get("net")
+                await steps.timed("cni", self.cni.teardown(sandbox.id,
+                                                           Path(net) if net else None))
+
+        await all_done(network(), steps.timed(
+            "shm", self.host.unmount(self.pod_dir(sandbox.id) / "shm")))
+
+    async def _destroy(self, sandbox_id: str, steps: Steps | None = None) -> None:
+        steps = steps or Steps()
         sandbox = self.find(sandbox_id)
         if sandbox is not None:
             try:
-                await self._release(sandbox)
+                await self._release(sandbox, steps)
             except CripyError as exc:
                 log.warning("pod %s: releasing resources failed: %s", sandbox_id[:12], exc)
                 raise
-        await asyncio.to_thread(remove_tree, self.pod_dir(sandbox_id))
-        await self.store.delete(sandbox_id)
+        await steps.timed("pod_dir", asyncio.to_thread(remove_tree, self.pod_dir(sandbox_id)))
+        crash_point("remove-pod-after-pod-dir")
+        await steps.timed("record", self.store.delete(sandbox_id))
 
     def _publish(self, kind: str, sandbox: Sandbox) -> None:
         """Pod events carry the sandbox ID as the container ID, as other runtimes do."""

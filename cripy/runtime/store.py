@@ -116,6 +116,8 @@ class Sandbox:
     ips: tuple[str, ...] = ()
     namespaces: Mapping[str, str] = field(default_factory=dict)  # kind -> pinned file
     infra_pid: int | None = None
+    #: step -> seconds of its creation (cripy.runtime.timing); {} in older records
+    creation_steps: Mapping[str, float] = field(default_factory=dict)
 
     kind = "pod sandbox"
     record_name = "pod"
@@ -149,6 +151,7 @@ class Sandbox:
             "ips": list(self.ips),
             "namespaces": dict(self.namespaces),
             "infra_pid": self.infra_pid,
+            "creation_steps": dict(self.creation_steps),
         }
 
     @classmethod
@@ -160,6 +163,7 @@ class Sandbox:
             ips=tuple(_texts(record.get("ips") or [])),
             namespaces={str(k): str(v) for k, v in (record.get("namespaces") or {}).items()},
             infra_pid=_optional_int(record.get("infra_pid")),
+            creation_steps=_seconds(record.get("creation_steps") or {}),
         )
 
 
@@ -182,6 +186,8 @@ class Container:
     pid: int = 0
     #: The process's identity as created: uid, gid, then the supplementary groups.
     user: tuple[int, ...] = ()
+    #: step -> seconds of its creation and start (cripy.runtime.timing); {} in older records
+    creation_steps: Mapping[str, float] = field(default_factory=dict)
 
     kind = "container"
     record_name = "container"
@@ -221,6 +227,7 @@ class Container:
             exit_code=_int(record, "exit_code", 0), reason=_text(record, "reason", ""),
             message=_text(record, "message", ""), pid=_int(record, "pid", 0),
             user=tuple(_ints(record.get("user", []))),
+            creation_steps=_seconds(record.get("creation_steps") or {}),
         )
 
 
@@ -249,6 +256,13 @@ def _int(record: Mapping[str, Any], key: str, default: int | None = None) -> int
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{key} is not an integer")
     return value
+
+
+def _seconds(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()):
+        raise ValueError("creation_steps is not an object of numbers")
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def _optional_int(value: Any) -> int | None:

@@ -85,6 +85,7 @@ class ContainerRpcs:
         if request.verbose:
             info["info"] = json.dumps({
                 "id": c.id, "sandboxID": c.sandbox_id, "pid": c.pid, "name": c.name,
+                "creationSteps": dict(c.creation_steps),
                 "runtimeSpec": await self.containers.runtime_spec(c.id)})
         return pb.ContainerStatusResponse(status=status, info=info)
 

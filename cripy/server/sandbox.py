@@ -77,6 +77,7 @@ class SandboxRpcs:
                 "pid": sandbox.infra_pid,
                 "namespaces": dict(sandbox.namespaces),
                 "config": MessageToDict(config),
+                "creationSteps": dict(sandbox.creation_steps),
             })
         response = pb.PodSandboxStatusResponse(status=status, info=info)
         if request.verbose or self.sandboxes.config.runtime.enable_pod_events:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
 from cripy.errors import FailedPreconditionError
+from cripy.oci.idmap import mount, umount_detach
+from cripy.tasks import to_thread_to_the_end
 
 # mount(2) takes at most a page of options; relative lowerdirs (mounting from inside the
 # layer store) keep that enough for ~60 layers.
@@ -60,9 +63,19 @@ async def _mount_layers(layers_root: Path, lowers: list[str], options: str,
 
 
 async def unmount(target: Path) -> None:
-    """Unmount `target` if something is mounted there (lazily, so busy mounts go too)."""
-    if is_mountpoint(target):
-        await _run(["umount", "-l", str(target)])
+    """Unmount `target` if something is mounted there (lazily, so busy mounts go too):
+    umount2(MNT_DETACH), with no umount(8) process."""
+    await to_thread_to_the_end(_unmount, target)
+
+
+def _unmount(target: Path) -> None:
+    if not is_mountpoint(target):
+        return
+    try:
+        umount_detach(str(target))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: no longer a mount point (raced)
+            raise FailedPreconditionError(f"umount {target} failed: {exc.strerror}") from None
 
 
 def is_mountpoint(path: Path) -> bool:
@@ -73,8 +86,32 @@ def is_mountpoint(path: Path) -> bool:
 
 
 async def mount_tmpfs(target: Path, options: str) -> None:
+    """A tmpfs at `target` with mount(8)-style `options` (mount(2), no process)."""
+    await to_thread_to_the_end(_mount_tmpfs, target, options)
+
+
+def _mount_tmpfs(target: Path, options: str) -> None:
+    flags, data = mount_flags(options)
     target.mkdir(parents=True, exist_ok=True)
-    await _run(["mount", "-t", "tmpfs", "-o", options, "shm", str(target)])
+    try:
+        mount("shm", str(target), "tmpfs", flags, data)
+    except OSError as exc:
+        raise FailedPreconditionError(f"mount {target} failed: {exc.strerror}") from None
+
+
+#: mount(8) options that are mount(2) flags
+_FLAGS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8}
+
+
+def mount_flags(options: str) -> tuple[int, str]:
+    """mount(8)-style options -> (mount(2) flags, the filesystem's own data string)."""
+    flags, data = 0, []
+    for option in filter(None, options.split(",")):
+        if option in _FLAGS:
+            flags |= _FLAGS[option]
+        else:
+            data.append(option)
+    return flags, ",".join(data)
 
 
 async def _run(argv: list[str], cwd: Path | None = None) -> None:

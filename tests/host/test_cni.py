@@ -237,6 +237,7 @@ def test_setup_reaches_the_pod_maps_ports_and_teardown_releases_all(net: Net) ->
     net.write_conflist(PORTMAP)
     manager = net.manager()
     netns = pin(net)
+    sh(f"nsenter --net={netns} ip link set lo down")  # as a namespace of others' comes
     pod_id = net.new_pod_id()
     host_port = free_port()
 
@@ -276,6 +277,20 @@ def test_setup_reaches_the_pod_maps_ports_and_teardown_releases_all(net: Net) ->
     assert ",UP," not in sh(f"nsenter --net={netns} ip -o link show lo")  # lo DEL too
     asyncio.run(manager.teardown(pod_id, netns))  # idempotent
     asyncio.run(manager.teardown(pod_id, None))
+
+
+def test_no_loopback_plugin_when_the_caller_brought_lo_up(net: Net) -> None:
+    net.write_conflist(PORTMAP)
+    netns = pin(net)  # pinned with lo up
+    pod_id = net.new_pod_id()
+    network = asyncio.run(net.manager().setup(
+        pod_id, netns, pod_name="web-0", pod_namespace="default", pod_uid="uid-1",
+        lo_is_up=True))
+    assert json.loads((net.cache_dir / f"{pod_id}.json").read_text())["loopback"] is None
+    assert ",UP," in sh(f"nsenter --net={netns} ip -o link show lo")
+    assert ping(network.ips[0])
+    asyncio.run(net.manager().teardown(pod_id, netns))
+    assert net.allocated() == [] and net.veths() == []
 
 
 def test_teardown_uses_the_cache_after_restart_and_config_removal(net: Net) -> None:

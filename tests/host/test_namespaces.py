@@ -45,11 +45,11 @@ def test_pin_net_ipc_uts_with_a_hostname(ns_dir: Path) -> None:
     assert pinned == {k: ns_dir / k for k in ("net", "ipc", "uts")}
     assert all(is_pinned(p) for p in pinned.values())
     assert run("nsenter", f"--uts={pinned['uts']}", "hostname") == "web-0"
-    # Fresh namespaces, not ours: other inodes, and a network with only a (down) lo.
+    # Fresh namespaces, not ours: other inodes, and a network with only lo, which is up.
     for kind, path in pinned.items():
         assert os.stat(path).st_ino != os.stat(f"/proc/self/ns/{kind}").st_ino
     links = run("nsenter", f"--net={pinned['net']}", "ip", "-o", "link").splitlines()
-    assert len(links) == 1 and ": lo:" in links[0]
+    assert len(links) == 1 and ": lo:" in links[0] and ",UP," in links[0]
     assert len(mounts_under(ns_dir)) == 3
 
     asyncio.run(unpin_namespaces(ns_dir))
@@ -103,14 +103,14 @@ def test_pinning_over_live_pins_is_refused_and_leaves_them(ns_dir: Path) -> None
 
 def test_a_failure_after_pinning_unpins_everything(
         ns_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = namespaces._unshare
+    real = namespaces._pin_in_own_thread
 
-    async def unshare_then_fail(paths: dict[str, Path], hostname: str | None) -> None:
-        await real(paths, hostname)
+    def pin_then_fail(paths: dict[str, Path], hostname: str | None) -> None:
+        real(paths, hostname)
         assert all(is_pinned(p) for p in paths.values())
         raise FailedPreconditionError("injected")
 
-    monkeypatch.setattr(namespaces, "_unshare", unshare_then_fail)
+    monkeypatch.setattr(namespaces, "_pin_in_own_thread", pin_then_fail)
     with pytest.raises(FailedPreconditionError, match="injected"):
         asyncio.run(pin_namespaces(ns_dir, ["net", "ipc", "uts"], "h"))
     assert not ns_dir.exists() and mounts_under(ns_dir.parent) == []

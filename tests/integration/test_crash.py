@@ -119,6 +119,27 @@ def test_crash_during_stop_pod_sandbox(tmp_path: Path, registry: Registry,
         assert allocated_ips(tmp_path) == []
 
 
+@pytest.mark.parametrize("point", ["stop-pod-after-network", "remove-pod-after-pod-dir"])
+def test_crash_during_pod_teardown(tmp_path: Path, registry: Registry, images: Any,
+                                   point: str) -> None:
+    with crashable_node(tmp_path, registry, images) as pods:
+        pod_id = pods.run("pod")
+        pods.create(pod_id, "c", ["sleep", "300"])
+
+        def teardown() -> None:
+            pods.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+            pods.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+        crash_during(pods, point, teardown)
+        teardown()  # what the kubelet does again after the restart
+        daemon = pods.node.daemon
+        assert list(daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items) == []
+        assert pinned_namespaces(daemon) == []
+        assert allocated_ips(tmp_path) == []
+        assert not (daemon.runroot / "pods" / pod_id).exists()
+        assert not (daemon.root / "pods" / pod_id).exists()
+
+
 def test_exits_while_the_daemon_is_down_are_reported(tmp_path: Path, registry: Registry,
                                                      images: Any) -> None:
     with crashable_node(tmp_path, registry, images) as pods:

@@ -142,7 +142,8 @@ class FakeNetwork:
         self.fail_setup = False
 
     async def setup(self, pod_id: str, netns: Path, *, pod_name: str, pod_namespace: str,
-                    pod_uid: str, port_mappings: Sequence[PortMapping] = ()) -> PodNetwork:
+                    pod_uid: str, port_mappings: Sequence[PortMapping] = (),
+                    lo_is_up: bool = False) -> PodNetwork:
         if self.fail_setup:
             raise FailedPreconditionError("no network")
         ip = f"10.88.0.{len(self.attached) + 2}"
@@ -385,6 +386,26 @@ def test_container_lifecycle(node: Node) -> None:
         assert n.leftovers() == []
         kinds = [k for k, o in await n.events_seen() if o == cid]
         assert kinds == ["created", "started", "stopped", "deleted"]
+
+    run(node, scenario)
+
+
+def test_creation_steps_are_recorded(node: Node) -> None:
+    async def scenario(n: Node) -> None:
+        pod = n.sandboxes.get(await n.pod())
+        assert set(pod.creation_steps) == {"cgroup", "namespaces", "shm", "cni", "pod_files",
+                                           "nri"}
+        cid = await n.create(pod.id)
+        created = await n.containers.get(cid)
+        assert set(created.creation_steps) == {"image", "rootfs", "spec", "nri", "runc_create"}
+        await n.containers.start(cid)
+        started = await n.containers.get(cid)
+        assert set(started.creation_steps) == {*created.creation_steps, "start"}
+        assert all(s >= 0 for s in [*pod.creation_steps.values(),
+                                    *started.creation_steps.values()])
+        n.make()  # a restart: the steps come back from the records
+        await n.sandboxes.recover()
+        assert n.sandboxes.get(pod.id).creation_steps == pod.creation_steps
 
     run(node, scenario)
 

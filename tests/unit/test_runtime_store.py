@@ -325,3 +325,21 @@ def test_a_delete_waits_for_an_update_in_flight(tmp_path: Path,
             await store.set("c" * 64, exit_code=1)
 
     asyncio.run(main())
+
+
+def test_creation_steps_are_kept_and_older_records_have_none(tmp_path: Path) -> None:
+    steps = {"namespaces": 0.004, "cni": 0.031, "pod_files": 0.001}
+
+    async def main() -> None:
+        store = pods(tmp_path)
+        await store.add(dataclasses.replace(pod("a" * 64), creation_steps=steps))
+        [loaded] = await pods(tmp_path).load()
+        assert loaded.obj is not None and loaded.obj.creation_steps == steps
+
+    asyncio.run(main())
+    old = pod("b" * 64).to_record()
+    del old["creation_steps"]
+    assert Sandbox.from_record(upgrade(old)).creation_steps == {}
+    assert Container.from_record(upgrade(v1_container_record("c" * 64))).creation_steps == {}
+    with pytest.raises(ValueError, match="creation_steps"):
+        Sandbox.from_record({**old, "creation_steps": {"cni": "slow"}})

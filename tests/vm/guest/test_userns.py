@@ -147,6 +147,7 @@ def test_a_crun_pod_runs_in_its_user_namespace_with_idmapped_rootfs_and_volume(
         assert pods.exec(cid, "cat", "/proc/self/uid_map").stdout.split() == \
             [b"0", str(HOST_ID).encode(), str(SIZE).encode()]
         assert pods.exec(cid, "ls", "/sys/class/net").stdout.split() == [b"eth0", b"lo"]
+        assert int(pods.exec(cid, "cat", "/sys/class/net/lo/flags").stdout, 16) & 0x1  # up
         assert pods.exec(cid, "cat", "/sys/fs/cgroup/cgroup.controllers").exit_code == 0
         assert pods.exec(cid, "hostname").stdout == b"userns\n"
     finally:
