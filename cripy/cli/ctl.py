@@ -262,7 +262,8 @@ def cmd_images(client: Client, args: argparse.Namespace) -> None:
         for image in images:
             print(image.id)
         return
-    header = ["IMAGE", "TAG", *(["DIGEST"] if args.digests else []), "IMAGE ID", "SIZE"]
+    header = ["IMAGE", "TAG", *(["DIGEST"] if args.digests else []), "IMAGE ID", "SIZE",
+              *(["PINNED"] if args.pinned else [])]
     rows = [header]
     for image in images:
         digest = image.repo_digests[0].rpartition("@")[2] if image.repo_digests else "<none>"
@@ -273,7 +274,8 @@ def cmd_images(client: Client, args: argparse.Namespace) -> None:
              "<none>")]
         for repo, tag in tags:
             rows.append([repo, tag, *([digest] if args.digests else []), image_id,
-                         human_size(image.size)])
+                         human_size(image.size),
+                         *([str(image.pinned).lower()] if args.pinned else [])])
     print_table(rows)
 
 
@@ -449,6 +451,8 @@ def add_parser(commands: Any) -> None:
     images.add_argument("-q", "--quiet", action="store_true", help="only image IDs")
     images.add_argument("--digests", action="store_true", help="show digests")
     images.add_argument("--no-trunc", action="store_true", help="full IDs and digests")
+    images.add_argument("--pinned", action="store_true",
+                        help="show whether each image is pinned ([image] pinned_images)")
     images.add_argument("-o", "--output", choices=["table", "json"], default="table")
     pull = verb("pull", cmd_pull, "pull an image")
     pull.add_argument("image")

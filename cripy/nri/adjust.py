@@ -11,23 +11,29 @@ merged in plugin index order, as NRI does:
 - a plugin may remove an entry by marking its key with a leading '-' (annotations, env,
   mounts, devices); removing gives up the ownership, so a later plugin may set it again;
 - OCI hooks only accumulate;
+- CDI devices (qualified names, `vendor.com/class=name`) are owned per name and can
+  only be added, not removed;
 - each plugin sees the container as the plugins before it left it.
 
 `apply_adjustment` then writes the merged adjustment into the OCI spec (a dict as
-`cripy.oci.spec` builds it), refusing what this node cannot do with the reason.
+`cripy.oci.spec` builds it), refusing what this node cannot do with the reason. The
+CDI devices are injected last, by `inject_cdi_devices`: the one part that reads files
+(the CDI spec directories, host device nodes), so it belongs in a thread.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import Message
 
 from cripy.api import api_pb2 as pb
-from cripy.errors import FailedPreconditionError, InvalidArgumentError
+from cripy.errors import CripyError, FailedPreconditionError, InvalidArgumentError
 from cripy.nri import api_pb2 as nri
+from cripy.oci import cdi
 from cripy.oci.spec import order_mounts
 
 REMOVAL_MARK = "-"
@@ -124,6 +130,8 @@ def merge_resources(into: nri.LinuxResources, extra: nri.LinuxResources, owners:
         if extra.HasField(name):
             owners.claim(container_id, what, plugin)
             getattr(into, name).CopyFrom(getattr(extra, name))
+    if extra.devices:  # device cgroup rules only accumulate, as OCI hooks do
+        into.devices.extend(extra.devices)
 
 
 class CreateResult:
@@ -178,6 +186,31 @@ class CreateResult:
             for rlimits in (out.rlimits, c.rlimits):
                 _drop(rlimits, "type", rlimit.type)
                 rlimits.append(rlimit)
+        self._adjust_cdi(adj.CDI_devices, plugin)
+
+    def _adjust_cdi(self, devices: Any, plugin: str) -> None:
+        for device in devices:
+            if device.name.startswith(REMOVAL_MARK):
+                raise InvalidArgumentError(
+                    f"NRI plugin {plugin!r} asked to remove CDI device {device.name[1:]!r}: "
+                    "CDI devices can only be added")
+            try:
+                cdi.parse_qualified_name(device.name)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"NRI plugin {plugin!r}: {exc}") from None
+            self.owners.claim(self.container.id, "CDI device", plugin, device.name)
+            self.adjust.CDI_devices.append(device)
+            if all(d.name != device.name for d in self.container.CDI_devices):
+                self.container.CDI_devices.append(device)
+
+    def cdi_requests(self) -> list[tuple[str, list[str]]]:
+        """The CDI devices of the merged adjustment by the plugin that asked for them, in
+        the order they were asked for."""
+        out: dict[str, list[str]] = {}
+        for device in self.adjust.CDI_devices:
+            plugin = self.owners.claims[(self.container.id, "CDI device", device.name)]
+            out.setdefault(plugin, []).append(device.name)
+        return list(out.items())
 
     def _keyed(self, merged: Any, item: Any, attribute: str, what: str, plugin: str
                ) -> bool:
@@ -317,14 +350,31 @@ def apply_adjustment(spec: dict[str, Any], adj: nri.ContainerAdjustment, *,
         rlimits.append({"type": rlimit.type, "hard": rlimit.hard, "soft": rlimit.soft})
     if not rlimits:
         process.pop("rlimits")
-    if "CDI_devices" in nri.ContainerAdjustment.DESCRIPTOR.fields_by_name and \
-            len(adj.CDI_devices):
-        raise FailedPreconditionError(
-            "NRI plugins asked for CDI devices "
-            f"({', '.join(d.name for d in adj.CDI_devices)}): cripy has no CDI support")
     if adj.HasField("linux"):
         _apply_linux(spec, adj.linux, cgroup_v2=cgroup_v2, privileged=privileged,
                      resctrl=resctrl)
+
+
+def inject_cdi_devices(spec: dict[str, Any], requests: Sequence[tuple[str, Sequence[str]]],
+                       spec_dirs: Sequence[str], *, applied: Sequence[str] = ()) -> None:
+    """Resolve the CDI devices plugins asked for (`CreateResult.cdi_requests`) against
+    `spec_dirs` and apply them to `spec`, as CreateContainer does for the CRI's. Devices
+    in `applied` (the CRI request's, already injected) are not applied again. An error
+    keeps its code and names the plugin. Blocking: reads the spec files, stats host
+    device nodes."""
+    done = list(applied)
+    registry: cdi.Registry | None = None
+    for plugin, names in requests:
+        wanted = [name for name in names if name not in done]
+        if not wanted:
+            continue
+        if registry is None:
+            registry = cdi.load(spec_dirs)
+        try:
+            cdi.apply(spec, registry.resolve(wanted, applied=done))
+        except CripyError as exc:
+            raise type(exc)(f"NRI plugin {plugin!r}: {exc}") from None
+        done += wanted
 
 
 def _apply_env(process: dict[str, Any], env: Any) -> None:
@@ -467,6 +517,19 @@ def resources_to_oci(res: nri.LinuxResources, *, cgroup_v2: bool) -> dict[str, A
         out["unified"] = dict(res.unified)
     if res.HasField("pids"):
         out["pids"] = {"limit": res.pids.limit}
+    rules = []
+    for rule in res.devices:
+        if rule.type not in ("a", "b", "c"):
+            raise InvalidArgumentError(
+                f"NRI device cgroup rule type {rule.type!r} is not one of a, b, c")
+        entry: dict[str, Any] = {"allow": rule.allow, "type": rule.type,
+                                 "access": rule.access or "rwm"}
+        for name in ("major", "minor"):  # unset: any
+            if rule.HasField(name):
+                entry[name] = getattr(rule, name).value
+        rules.append(entry)
+    if rules:
+        out["devices"] = rules
     if res.HasField("blockio_class"):
         raise FailedPreconditionError(
             f"NRI plugins set block I/O class {res.blockio_class.value!r}: cripy has no "
@@ -478,6 +541,8 @@ def merge_oci_resources(into: dict[str, Any], extra: dict[str, Any]) -> None:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             into[key].update(value)
+        elif key == "devices":  # rules apply in order: later ones come after
+            into[key] = into.get(key, []) + value
         elif key == "hugepageLimits":
             sizes = {h["pageSize"] for h in value}
             into[key] = [h for h in into.get(key, []) if h["pageSize"] not in sizes] + value
@@ -547,6 +612,8 @@ def update_to_cri(current: pb.LinuxContainerResources, res: nri.LinuxResources
     unsupported += [what for name, what in (("blockio_class", "block I/O class"),
                                             ("rdt_class", "RDT class"), ("pids", "pids limit"))
                     if res.HasField(name)]
+    if res.devices:  # nor can NRI's ContainerUpdate carry devices or CDI devices
+        unsupported.append("device cgroup rules (devices are set at CreateContainer only)")
     if unsupported:
         raise FailedPreconditionError(
             f"cripy cannot update {', '.join(unsupported)} of a running container")

@@ -33,12 +33,14 @@ from cripy.nri.adjust import (
     Owners,
     apply_adjustment,
     cri_to_nri_resources,
+    inject_cdi_devices,
     merge_resources,
     merge_update,
     update_to_cri,
 )
 from cripy.nri.plugins import Plugin, PluginError, PluginRegistry
 from cripy.nri.ttrpc import MAX_MESSAGE_LENGTH
+from cripy.oci import cdi
 from cripy.runtime.events import STOPPED
 from cripy.runtime.store import Container, ContainerState, PodState, Sandbox
 
@@ -78,6 +80,7 @@ class Nri:
         self._shown: dict[str, nri.Container] = {}  # containers as created (adjusted)
         self._watcher: asyncio.Task[None] | None = None
         self._resctrl = False
+        self._cdi_spec_dirs: list[str] = []  # where plugins' CDI devices resolve
 
     # --- daemon wiring ------------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class Nri:
                     sandboxes: SandboxManager, containers: ContainerManager,
                     events: EventBus) -> None:
         self._sandboxes, self._containers = sandboxes, containers
+        self._cdi_spec_dirs = list(containers.config.cdi.spec_dirs)
         # Everything that exists now was made before any plugin could be told.
         self._announced = {s.id for s in sandboxes.all()} | {c.id for c in containers.all()}
         self._stop_told = {c.id for c in containers.all() if not c.live}
@@ -154,6 +158,7 @@ class Nri:
             out.linux.resources.CopyFrom(cri_to_nri_resources(config.linux.resources))
             out.labels.update(config.labels)
             out.annotations.update(config.annotations)
+            out.CDI_devices.extend(nri.CDIDevice(name=d.name) for d in config.CDI_devices)
         out.id, out.pod_sandbox_id = container.id, container.sandbox_id
         out.name = container.config.metadata.name
         out.state = _STATES[container.state]
@@ -276,6 +281,11 @@ class Nri:
             apply_adjustment(spec, result.adjust, cgroup_v2=cgroup_v2,
                              privileged=container.config.linux.security_context.privileged,
                              resctrl=self._resctrl)
+            requests = result.cdi_requests()
+            if requests:  # after the other adjustments, as containerd does
+                await asyncio.to_thread(inject_cdi_devices, spec, requests,
+                                        self._cdi_spec_dirs,
+                                        applied=cdi.requested_devices(container.config))
         await self._apply_updates(list(result.updates.values()), fail=True)
         await self._evict(evictions)
 

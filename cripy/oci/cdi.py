@@ -381,16 +381,20 @@ class Registry:
                 self.conflicts.pop(qualified, None)
             self.devices[qualified] = (spec, edits)
 
-    def resolve(self, names: Sequence[str]) -> list[tuple[str, Edits]]:
+    def resolve(self, names: Sequence[str], *, applied: Sequence[str] = ()
+                ) -> list[tuple[str, Edits]]:
         """The edits to apply for `names`, labelled: each spec's own edits once (before
-        its first device's), then the devices'. NotFoundError names what is missing."""
-        missing = [name for name in names
+        its first device's), then the devices'. NotFoundError names what is missing.
+        `applied`: devices already applied to the spec; their edits, and their specs' own
+        edits, are left out."""
+        wanted = [name for name in dict.fromkeys(names) if name not in applied]
+        missing = [name for name in wanted
                    if name not in self.devices or name in self.conflicts]
         if missing:
             raise NotFoundError(self._missing_message(missing))
         out: list[tuple[str, Edits]] = []
-        seen: set[str] = set()
-        for name in names:
+        seen = {self.devices[name][0].path for name in applied if name in self.devices}
+        for name in wanted:
             spec, edits = self.devices[name]
             if spec.path not in seen:
                 seen.add(spec.path)

@@ -1,9 +1,10 @@
 """CheckpointContainer and restores: the container-level side of cripy.oci.checkpoint.
 
-A checkpoint dumps a running container with CRIU (`runc checkpoint --leave-running`)
-into a staging directory under the root (ROOT/checkpoints), adds the metadata, the
-writable layer and the log, and writes the archive to the requested location
-atomically. The container keeps running whether or not this succeeds.
+A checkpoint freezes a running container (`runc pause`), dumps it with CRIU (`runc
+checkpoint --leave-running`) into a staging directory under the root (ROOT/checkpoints),
+adds the metadata, the writable layer and the log, and writes the archive to the
+requested location atomically. The container is thawed once its writable layer is copied,
+and keeps running whether or not this succeeds.
 
 A restore is a CreateContainer whose image is a checkpoint archive: the archive is
 unpacked into the container's directory, the writable layer is re-applied before the
@@ -140,13 +141,17 @@ class Checkpoints:
                 argv = manager.oci.runc_argv(
                     "checkpoint", "--leave-running", "--image-path", str(images),
                     "--work-path", str(stage), container.id, container_id=container.id)
+                # Frozen from before CRIU's dump until the writable layer is copied:
+                # otherwise a file the container writes in between has a size CRIU did
+                # not record, and the restore fails ("File ... has bad size"). CRIU leaves
+                # a cgroup it found frozen frozen.
+                await manager.oci.pause(container.id)
                 try:
                     await dump(argv, f"checkpoint of container {container.id}", stage, limit)
-                except BaseException:
+                    checkpointed_at = time.time_ns()
+                    await asyncio.to_thread(self._assemble, container, stage, checkpointed_at)
+                finally:
                     await self._thaw(container.id)
-                    raise
-                checkpointed_at = time.time_ns()
-                await asyncio.to_thread(self._assemble, container, stage, checkpointed_at)
                 await asyncio.to_thread(write_archive, stage, target)
             finally:
                 await asyncio.to_thread(remove_tree, stage)
@@ -161,13 +166,14 @@ class Checkpoints:
         return stage
 
     async def _thaw(self, container_id: str) -> None:
-        """A killed or failed dump can leave the container frozen: thaw it."""
-        with contextlib.suppress(CripyError):
+        """Thaw the container frozen for its dump (or left frozen by a failed one)."""
+        try:
             state = await self.manager.oci.state(container_id)
             if state is not None and state.get("status") == "paused":
                 await self.manager.oci.resume(container_id)
-                log.warning("container %s was left frozen by a failed checkpoint: resumed",
-                            container_id[:12])
+        except CripyError as exc:
+            log.warning("container %s: thawing it after its checkpoint failed: %s",
+                        container_id[:12], exc)
 
     def _assemble(self, container: Container, stage: Path, checkpointed_at: int) -> None:
         """config.dump, spec.dump, rootfs-diff.tar, deleted.files, container.log."""
@@ -310,6 +316,7 @@ class Checkpoints:
             raise FailedPreconditionError(
                 f"restoring container {container.id} from its checkpoint failed: "
                 f"{reason or exc}") from None
+        await self._thaw(container.id)  # CRIU restores a freezer state it dumped
         await asyncio.to_thread(remove_tree, self.restore_dir(container.id))
         return pid
 

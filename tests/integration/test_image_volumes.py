@@ -216,6 +216,11 @@ def test_pinned_images_are_reported_and_may_still_be_removed(
     listed = {i.id: i.pinned for i in daemon.images.ListImages(pb.ListImagesRequest()).images}
     assert listed[image_id] is True
     assert listed[image_status(daemon, pods.node.image).id] is False
+    table = daemon.ctl("images", "--pinned").stdout.splitlines()
+    assert table[0].split()[-1] == "PINNED"
+    pinned = {line.split()[0]: line.split()[-1] for line in table[1:]}
+    assert pinned[volume_image.ref.rpartition(":")[0]] == "true"
+    assert pinned[pods.node.image.rpartition(":")[0]] == "false"
     remove_image(daemon, volume_image.ref)  # pinned keeps the kubelet's GC away, not rmi
     assert not image_status(daemon, volume_image.ref).id
 

@@ -82,16 +82,18 @@ def wait_until(check: Any, within: float = 20, what: str = "condition") -> Any:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, registry: Registry,
          images: Any) -> Iterator[Node]:
-    """A node with NRI on and one pre-installed plugin (conftest's `pods` uses it). The
-    plugin's files live outside the daemon's directory, so the leak checks (which look
-    for processes naming that directory) leave the plugin alone."""
+    """A node with NRI on and one pre-installed plugin (conftest's `pods` uses it), reading
+    CDI specs from a directory of its own (`cdi`). The plugin's files live outside the
+    daemon's directory, so the leak checks (which look for processes naming that
+    directory) leave the plugin alone."""
     tmp = tmp_path_factory.mktemp("nri")
     write_preinstalled(tmp / "plugins", tmp / "conf", tmp / "record.jsonl",
                        {"events": "all"})
+    (tmp / "cdi").mkdir()
     daemon = Daemon(tmp / "daemon", insecure_registries=[registry.host], extra_config=(
         f'[nri]\nenable = true\nplugin_path = "{tmp / "plugins"}"\n'
         f'plugin_config_path = "{tmp / "conf"}"\nrequest_timeout = {REQUEST_TIMEOUT}\n'
-        "registration_timeout = 5.0\n"))
+        f'registration_timeout = 5.0\n[cdi]\nspec_dirs = ["{tmp / "cdi"}"]\n'))
     with bridge_network(daemon.cni_dir, tmp, 112) as bridge, daemon:
         daemon.pull(images.busybox.ref)
         yield Node(daemon, bridge, images.busybox.ref, tmp)
@@ -376,6 +378,50 @@ def test_unsolicited_updates_go_through_the_update_path(
     memory = next(p for p in cgroup_dirs(pods.cgroup_parent) if p.parent.name == "memory")
     (mem_dir,) = [d for d in memory.iterdir() if d.is_dir() and cid in d.name]
     assert int((mem_dir / "memory.limit_in_bytes").read_text()) == 80 * 1024 * 1024
+
+
+def test_a_plugins_cdi_device_is_injected_into_the_container(
+        pods: Pods, loop: Loop, plugins: list[NriPlugin]) -> None:
+    spec_file = pods.node.tmp / "cdi" / "nri-test.json"
+    spec_file.write_text(json.dumps({
+        "cdiVersion": "0.6.0", "kind": "cripy.test/nri",
+        "devices": [{"name": "null", "containerEdits": {
+            "deviceNodes": [{"path": "/dev/nri-null", "hostPath": "/dev/null"}],
+            "env": ["NRI_CDI=null"]}}]}))
+    try:
+        plugin = connect(pods.node, loop, plugins, NriPlugin("cdi", "45"))
+        plugin.responses["CreateContainer"] = nri.CreateContainerResponse(
+            adjust=nri.ContainerAdjustment(CDI_devices=[nri.CDIDevice(
+                name="cripy.test/nri=null")]))
+        pod_id = pods.run()
+        cid = pods.create(pod_id, "with-device", ["sleep", "300"])
+        null = os.stat("/dev/null")
+        shown = pods.exec(cid, "stat", "-c", "%F %t %T", "/dev/nri-null")
+        assert shown.stdout.decode().strip() == (
+            f"character special file {os.major(null.st_rdev):x} {os.minor(null.st_rdev):x}")
+        assert pods.exec(cid, "sh", "-c", "echo x > /dev/nri-null").exit_code == 0
+        assert pods.exec(cid, "sh", "-c", "echo $NRI_CDI").stdout == b"null\n"
+        assert pods.status(cid).status.state == pb.CONTAINER_RUNNING
+        (validate,) = typed(plugin.requests("ValidateContainerAdjustment"),
+                            nri.ValidateContainerAdjustmentRequest)
+        assert [d.name for d in validate.adjust.CDI_devices] == ["cripy.test/nri=null"]
+
+        plugin.responses["CreateContainer"] = nri.CreateContainerResponse(
+            adjust=nri.ContainerAdjustment(CDI_devices=[nri.CDIDevice(
+                name="cripy.test/nri=gone")]))
+        with pytest.raises(grpc.RpcError) as info:
+            pods.create(pod_id, "unknown-device", ["sleep", "300"])
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        details = str(info.value.details())
+        assert "NRI plugin '45-cdi': CDI device not found: cripy.test/nri=gone" in details
+        assert f"spec dirs searched: {pods.node.tmp / 'cdi'}" in details
+        listed = pods.runtime.ListContainers(pb.ListContainersRequest(
+            filter=pb.ContainerFilter(pod_sandbox_id=pod_id))).containers
+        assert [c.metadata.name for c in listed] == ["with-device"]
+        del plugin.responses["CreateContainer"]
+        pods.create(pod_id, "unknown-device", ["sleep", "300"])  # the name is free again
+    finally:
+        spec_file.unlink()
 
 
 # --- synchronization ---------------------------------------------------------------------

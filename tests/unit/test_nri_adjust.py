@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cripy.api import api_pb2 as pb
-from cripy.errors import FailedPreconditionError, InvalidArgumentError
+from cripy.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from cripy.nri import api_pb2 as nri
 from cripy.nri.adjust import (
     ConflictError,
@@ -15,6 +18,7 @@ from cripy.nri.adjust import (
     Owners,
     apply_adjustment,
     cri_to_nri_resources,
+    inject_cdi_devices,
     merge_update,
     update_to_cri,
 )
@@ -134,9 +138,6 @@ def test_what_the_node_cannot_do_is_refused_with_the_reason() -> None:
     with pytest.raises(InvalidArgumentError, match="absolute"):
         apply_adjustment(spec(), nri.ContainerAdjustment(
             mounts=[nri.Mount(destination="rel", source="/x")]), cgroup_v2=True)
-    with pytest.raises(FailedPreconditionError, match="CDI"):
-        apply_adjustment(spec(), nri.ContainerAdjustment(
-            CDI_devices=[nri.CDIDevice(name="vendor.com/gpu=0")]), cgroup_v2=True)
 
 
 def test_a_plugin_may_not_update_the_container_being_created() -> None:
@@ -208,3 +209,124 @@ def test_adjustments_runc_here_cannot_apply_are_refused_by_name(
     result.apply(reply(linux=linux), "10-one")
     with pytest.raises(FailedPreconditionError, match=message):
         apply_adjustment(spec(), result.adjust, cgroup_v2=True)
+
+
+# --- CDI devices ----------------------------------------------------------------------
+
+
+def cdi_devices(*names: str) -> list[nri.CDIDevice]:
+    return [nri.CDIDevice(name=n) for n in names]
+
+
+def test_cdi_devices_of_two_plugins_merge_and_later_plugins_see_them() -> None:
+    base = container()
+    base.CDI_devices.extend(cdi_devices("vendor.com/gpu=from-cri"))
+    result = CreateResult(base)
+    result.apply(reply(CDI_devices=cdi_devices("vendor.com/gpu=0", "vendor.com/gpu=1")),
+                 "10-one")
+    assert [d.name for d in result.container.CDI_devices] == [  # what plugin 20 is shown
+        "vendor.com/gpu=from-cri", "vendor.com/gpu=0", "vendor.com/gpu=1"]
+    result.apply(reply(CDI_devices=cdi_devices("other.org/fpga=a")), "20-two")
+    assert [d.name for d in result.adjust.CDI_devices] == [
+        "vendor.com/gpu=0", "vendor.com/gpu=1", "other.org/fpga=a"]
+    assert result.cdi_requests() == [("10-one", ["vendor.com/gpu=0", "vendor.com/gpu=1"]),
+                                     ("20-two", ["other.org/fpga=a"])]
+    with pytest.raises(ConflictError, match="'10-one' and '30-three' both tried to set "
+                                            "CDI device vendor.com/gpu=1"):
+        result.apply(reply(CDI_devices=cdi_devices("vendor.com/gpu=1")), "30-three")
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("gpu0", "NRI plugin '10-one': CDI device name 'gpu0' is not fully qualified"),
+    ("-vendor.com/gpu=0", "asked to remove CDI device 'vendor.com/gpu=0': CDI devices can "
+                          "only be added"),
+])
+def test_bad_cdi_device_requests_are_invalid_naming_the_plugin(name: str, message: str
+                                                               ) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        CreateResult(container()).apply(reply(CDI_devices=cdi_devices(name)), "10-one")
+
+
+def write_cdi_spec(directory: Path, share: Path) -> None:
+    """vendor.com/dev: `null` exposes the host's /dev/null as /dev/vendor-null with an
+    env var and a mount; the spec's own edits add a hook and another env var."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vendor.json").write_text(json.dumps({
+        "cdiVersion": "0.6.0", "kind": "vendor.com/dev",
+        "containerEdits": {"env": ["VENDOR_COMMON=1"], "hooks": [
+            {"hookName": "createContainer", "path": "/bin/true", "args": ["true"]}]},
+        "devices": [
+            {"name": "null", "containerEdits": {
+                "deviceNodes": [{"path": "/dev/vendor-null", "hostPath": "/dev/null"}],
+                "env": ["VENDOR_DEVICE=null"],
+                "mounts": [{"hostPath": str(share), "containerPath": "/vendor",
+                            "options": ["ro", "rbind"]}]}},
+            {"name": "env-only", "containerEdits": {"env": ["ENV_ONLY=1"]}}]}))
+
+
+def test_plugin_cdi_devices_are_injected_after_the_other_adjustments(tmp_path: Path
+                                                                     ) -> None:
+    write_cdi_spec(tmp_path / "cdi", tmp_path)
+    result = CreateResult(container())
+    result.apply(reply(env=[nri.KeyValue(key="VENDOR_DEVICE", value="from-env")],
+                       CDI_devices=cdi_devices("vendor.com/dev=null")), "10-one")
+    out = spec()
+    apply_adjustment(out, result.adjust, cgroup_v2=False)
+    inject_cdi_devices(out, result.cdi_requests(), [str(tmp_path / "none"),
+                                                    str(tmp_path / "cdi")])
+    null = os.stat("/dev/null")
+    major, minor = os.major(null.st_rdev), os.minor(null.st_rdev)
+    assert out["linux"]["devices"] == [{"path": "/dev/vendor-null", "type": "c",
+                                        "major": major, "minor": minor}]
+    assert {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"} in \
+        out["linux"]["resources"]["devices"]
+    # The device's env wins over the plugin's env adjustment: CDI comes last.
+    assert out["process"]["env"] == ["PATH=/bin", "KEEP=1", "DROP=1", "VENDOR_COMMON=1",
+                                     "VENDOR_DEVICE=null"]
+    assert {"destination": "/vendor", "source": str(tmp_path), "options": ["ro", "rbind"],
+            "type": "bind"} in out["mounts"]
+    assert out["hooks"]["createContainer"] == [{"path": "/bin/true", "args": ["true"]}]
+
+
+def test_devices_the_cri_request_injected_are_not_applied_twice(tmp_path: Path) -> None:
+    write_cdi_spec(tmp_path / "cdi", tmp_path)
+    out = spec()
+    requests = [("10-one", ["vendor.com/dev=null", "vendor.com/dev=env-only"])]
+    inject_cdi_devices(out, requests, [str(tmp_path / "cdi")],
+                       applied=["vendor.com/dev=null"])
+    assert "ENV_ONLY=1" in out["process"]["env"]
+    # Neither the CRI's device nor its spec's own edits (the hook) again.
+    assert "VENDOR_DEVICE=null" not in out["process"]["env"]
+    assert "hooks" not in out and out["linux"]["devices"] == []
+
+
+def test_an_unknown_plugin_cdi_device_is_not_found_naming_device_and_plugin(
+        tmp_path: Path) -> None:
+    write_cdi_spec(tmp_path / "cdi", tmp_path)
+    requests = [("10-one", ["vendor.com/dev=null"]), ("20-two", ["vendor.com/dev=gone"])]
+    with pytest.raises(NotFoundError) as info:
+        inject_cdi_devices(spec(), requests, [str(tmp_path / "cdi")])
+    message = str(info.value)
+    assert message.startswith("NRI plugin '20-two': CDI device not found: vendor.com/dev=gone")
+    assert f"spec dirs searched: {tmp_path / 'cdi'}" in message
+
+
+def test_device_cgroup_rules_are_added_at_create_and_refused_in_updates() -> None:
+    rule = nri.LinuxDeviceCgroup(allow=True, type="c", major=nri.OptionalInt64(value=10),
+                                 access="rw")
+    result = CreateResult(container())
+    for plugin in ("10-one", "20-two"):  # rules accumulate: no owner
+        result.apply(reply(linux=nri.LinuxContainerAdjustment(
+            resources=nri.LinuxResources(devices=[rule]))), plugin)
+    out = spec()
+    apply_adjustment(out, result.adjust, cgroup_v2=False)
+    assert out["linux"]["resources"]["devices"] == [  # after the spec's deny-all
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 10, "access": "rw"},
+        {"allow": True, "type": "c", "major": 10, "access": "rw"}]
+    with pytest.raises(InvalidArgumentError, match="rule type 'x'"):
+        apply_adjustment(spec(), nri.ContainerAdjustment(linux=nri.LinuxContainerAdjustment(
+            resources=nri.LinuxResources(devices=[nri.LinuxDeviceCgroup(type="x")]))),
+            cgroup_v2=False)
+    with pytest.raises(FailedPreconditionError, match="cannot update device cgroup rules"):
+        update_to_cri(pb.LinuxContainerResources(), nri.LinuxResources(devices=[rule]))

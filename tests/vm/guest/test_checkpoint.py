@@ -20,8 +20,10 @@ from tests.vm.guest.node import GuestPods, wait_for
 from tests.vm.guest.test_crun import run_with
 
 #: Counts in memory; writes each value to a file and to its log; a file written and one
-#: of the image's files deleted before the checkpoint.
-COUNTER = ["sh", "-c", "echo before > /tmp/marker; rm /bin/vi; i=0; "
+#: of the image's files deleted before the checkpoint. A second process keeps a file open
+#: and appends to it all the time: the archive's copy of it must have the size CRIU saw.
+COUNTER = ["sh", "-c", "echo before > /tmp/marker; rm /bin/vi; "
+           "(while true; do echo more; sleep 0.1; done) > /tmp/appended & i=0; "
            "while true; do i=$((i+1)); echo $i > /tmp/count; echo count $i; sleep 0.2; done"]
 
 
@@ -108,7 +110,7 @@ def test_checkpoint_a_running_counter_and_restore_it_in_a_new_pod(
     assert annotations["io.kubernetes.pod.name"] == "ckpt-src"
     assert annotations["io.kubernetes.container.name"] == "counter"
     assert annotations["io.kubernetes.cri-o.ImageName"] == pods.node.image
-    assert {"tmp/marker", "tmp/count"} <= changed
+    assert {"tmp/marker", "tmp/count", "tmp/appended"} <= changed
     assert not any(n in changed for n in ("proc", "sys", "etc/hosts", "etc/resolv.conf"))
     assert deleted == ["/bin/vi"]
 
@@ -131,6 +133,10 @@ def test_checkpoint_a_running_counter_and_restore_it_in_a_new_pod(
     values = logged_counts(log_path)
     assert values[0] > before and 1 not in values
     assert values == sorted(values)
+    # The appender's open file came back with it and keeps growing.
+    size = len(pods.exec(restored, "cat", "/tmp/appended").stdout)
+    wait_for("the restored appender appends",
+             lambda: len(pods.exec(restored, "cat", "/tmp/appended").stdout) > size, within=30)
     # Its pod's network is the new one.
     route = pods.exec(restored, "ip", "addr", "show", "eth0").stdout.decode()
     assert pod_ip(pods, target_pod) in route
