@@ -32,6 +32,7 @@ from cripy.oci.handlers import probe_handlers
 from cripy.oci.runtime import OciRuntime
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.events import EventBus
+from cripy.runtime.exits import ExitWatcher
 from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.usage import StatsCollector
 from cripy.sdnotify import Notifier
@@ -100,19 +101,20 @@ class Daemon:
         server = None
         status_api: StatusServer | None = None
         metrics: MetricsServer | None = None
+        exits = ExitWatcher(self.oci.exit_dir, self.containers.notice_exits)
         try:
             self.containers.checkpoints.start_probe(self.config.runtime.enable_criu_support)
             self.sandboxes.apparmor = await asyncio.to_thread(prepare_host)
             await self.images.start()
             await self.sandboxes.recover()
             await self.containers.recover()
+            await exits.start()  # then one scan: what exited since the recovery looked
             await self.images.collect_garbage()
             if self.config.nri.enable:  # after recovery: plugins are synchronized with it
                 await self.nri.start(self.config.nri, __version__, self.sandboxes,
                                      self.containers, self.events)
             await self.streaming.start()
             server = await self._start_server()
-            watcher = asyncio.create_task(self.containers.watch_exits())
             monitoring = self.config.monitoring
             status_api = StatusServer(Path(monitoring.status_socket), self.config,
                                       self.containers, self.sandboxes, self.oci)
@@ -138,8 +140,8 @@ class Daemon:
             await asyncio.to_thread(self.notifier.notify, "STOPPING=1")
         finally:
             if server is not None:
-                watcher.cancel()
                 await server.stop(SHUTDOWN_GRACE_SECONDS)
+            await exits.close()
             await self.nri.stop()
             await self.streaming.stop()
             if metrics is not None:

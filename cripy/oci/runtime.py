@@ -148,6 +148,11 @@ class OciRuntime:
         self._handler_of: dict[str, RuntimeHandler] = {}  # container ID -> its handler
 
     @property
+    def exit_dir(self) -> Path:
+        """Where conmon writes each container's exit file, named by its ID."""
+        return self._exits
+
+    @property
     def runtime_path(self) -> str:
         """The default handler's runtime binary."""
         return self.handlers[self.default_handler].runtime_path

@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from cripy.nri.hooks import Nri
 from cripy.oci import cdi, signals
 from cripy.oci.checkpoint import CheckpointArchive, CriuSupport
 from cripy.oci.handlers import RuntimeHandler
-from cripy.oci.runtime import ExecResult
+from cripy.oci.runtime import ExecResult, ExitStatus
 from cripy.oci.spec import build_container_spec, resources_to_oci, validate_log_path
 from cripy.oci.userns import sandbox_userns
 from cripy.runtime.checkpoint import Checkpoints
@@ -79,18 +80,23 @@ class ContainerManager:
         self.locks = LockTable()
         self.nri = Nri()  # the daemon's, once it started NRI
         self.checkpoints = Checkpoints(self, criu)
+        #: container ID -> the layers its rootfs and image volumes are made of (layers.json
+        #: in its record directory keeps them across restarts).
+        self._layers: dict[str, tuple[str, ...]] = {}
 
     # --- lookups (snapshots, from memory) -----------------------------------------------
+    # Exits reach the store as they happen (the exit watcher calls notice_exits), so
+    # reads need no look at conmon's files.
 
     async def get(self, container_id: str) -> Container:
-        """A container by ID or unique ID prefix, with any exit noticed."""
+        """A container by ID or unique ID prefix."""
         found = self.store.get(container_id)
         if found.state == CREATING:
             raise NotFoundError(f"container {container_id!r} not found")
-        return await self.refresh(found)
+        return found
 
     async def matching(self, flt: pb.ContainerFilter | None) -> list[Container]:
-        result = [await self.refresh(c) for c in self.store if c.state != CREATING]
+        result = [c for c in self.store if c.state != CREATING]
         if flt is None:
             return result
         if flt.id:
@@ -104,8 +110,9 @@ class ContainerManager:
         return result
 
     async def get_running(self, container_id: str) -> Container:
-        """A container that must be running for what is asked of it (exec, attach, logs)."""
-        container = await self.get(container_id)
+        """A container that must be running for what is asked of it (exec, attach, logs):
+        its exit file is looked at now, so a just-ended one is refused as such."""
+        container = await self.refresh(await self.get(container_id))
         if container.state != RUNNING:
             raise FailedPreconditionError(f"container {container.id} is not running")
         return container
@@ -161,13 +168,15 @@ class ContainerManager:
         return spec
 
     def layers_in_use(self) -> frozenset[str]:
-        """Layers of every container's image: image removal must leave them."""
+        """Layers of every container's image and image volumes: image removal must leave
+        them. From memory."""
         used: set[str] = set()
         for container in self.store:
             record = self.images.store.get(container.image_id)
             if record is not None:
                 used.update(record.layers)
-            used.update(self._layers_file(container.id))
+        for layers in self._layers.values():
+            used.update(layers)
         return frozenset(used)
 
     def image_volume_users(self, image_id: str) -> list[str]:
@@ -176,13 +185,48 @@ class ContainerManager:
                 if image_id in image_volume.volume_images(c.config)]
 
     async def refresh(self, container: Container) -> Container:
-        """Notice that a live container exited (conmon wrote its exit file)."""
+        """The container with its exit noticed, looking at conmon's exit file now: for
+        what needs the freshest truth (a stop, a pause, an exec, a checkpoint); plain reads
+        take the store, which the exit watcher keeps current."""
         if not container.live:
             return container
-        status = self.oci.exit_status(container.id)
+        status = await asyncio.to_thread(self.oci.exit_status, container.id)
         if status is None:
             return container
+        return await self._record_exit(container, status)
 
+    async def notice_exits(self, container_ids: Collection[str] | None = None) -> None:
+        """Record the exits conmon wrote for these running containers (the names of exit
+        files written; None: every running container). Called by the exit watcher.
+
+        Created containers are left to StartContainer, which looks once it has recorded
+        the start: an exit noticed before would make the start's RUNNING illegal."""
+        if container_ids is None:
+            running = [c for c in self.store if c.state == RUNNING]
+        else:
+            running = [c for c in map(self.store.find, container_ids)
+                       if c is not None and c.state == RUNNING]
+        if not running:
+            return
+
+        def read() -> list[tuple[Container, ExitStatus]]:
+            found = []
+            for container in running:
+                try:
+                    status = self.oci.exit_status(container.id)
+                except OSError as exc:
+                    log.warning("container %s: reading its exit failed: %s",
+                                container.id[:12], exc)
+                    continue
+                if status is not None:
+                    found.append((container, status))
+            return found
+
+        for container, status in await asyncio.to_thread(read):
+            await self._record_exit(container, status)
+
+    async def _record_exit(self, container: Container, status: ExitStatus) -> Container:
+        """Persist the exit, then publish it: once, whoever notices first."""
         noticed = False
 
         def exited(c: Container) -> Container:
@@ -209,18 +253,6 @@ class ContainerManager:
         peers = self.listed_in(container.sandbox_id)
         self.events.publish(Event(kind, container.id, container.sandbox_id, time.time_ns(),
                                   (sandbox, peers)))
-
-    async def watch_exits(self, interval: float = 0.25) -> None:
-        """Notice exits as they happen (conmon's exit files), so events go out promptly."""
-        while True:
-            await asyncio.sleep(interval)
-            for container in self.store:
-                if container.state == RUNNING:
-                    try:
-                        await self.refresh(container)
-                    except OSError as exc:
-                        log.warning("container %s: reading its exit failed: %s",
-                                    container.id[:12], exc)
 
     # --- CreateContainer ----------------------------------------------------------------
 
@@ -303,8 +335,9 @@ class ContainerManager:
                 raise NotFoundError(f"image {image_id} of an image volume was removed during "
                                     "the create")
             volume_images[image_id] = found
-        await asyncio.to_thread(atomic_write_json, record_dir / "layers.json",
-                                layers + [d for i in volume_images.values() for d in i.layers])
+        used = layers + [d for i in volume_images.values() for d in i.layers]
+        self._layers[container.id] = tuple(used)
+        await asyncio.to_thread(atomic_write_json, record_dir / "layers.json", used)
 
         def lowers(diff_ids: list[str]) -> list[str]:  # topmost first, under store.layers
             return [f"{store.layer_dir(d).name}/diff" for d in reversed(diff_ids)]
@@ -396,6 +429,7 @@ class ContainerManager:
                 creation_steps=merged(container.creation_steps, started), **changes)
         record_steps(CONTAINER_CREATION_STEPS, started)
         self._publish(STARTED, container)
+        await self.refresh(container)  # an exit before RUNNING was recorded
         await self.nri.post_start_container(container)
         log.info("container %s started", container.id[:12])
 
@@ -471,6 +505,7 @@ class ContainerManager:
         await image_volume.unmount_volumes(bundle)
         await asyncio.to_thread(remove_tree, bundle)
         await self.store.delete(container_id)
+        self._layers.pop(container_id, None)
 
     # --- other operations ---------------------------------------------------------------
 
@@ -481,7 +516,7 @@ class ContainerManager:
         (and may change) the update, unless it is theirs (`from_nri`)."""
         container = await self.get(container_id)
         async with self.locks.hold(container.id):
-            container = self.store.get(container.id)
+            container = await self.refresh(self.store.get(container.id))
             if not container.live:
                 raise FailedPreconditionError(f"container {container.id} is not running")
             follow_ups = None
@@ -555,13 +590,15 @@ class ContainerManager:
 
     # --- persistence and start-up -------------------------------------------------------
 
-    def _layers_file(self, container_id: str) -> list[str]:
+    def _layers_file(self, container_id: str) -> tuple[str, ...]:
         try:
-            layers: list[str] = json.loads(
+            layers = json.loads(
                 (self.store.object_dir(container_id) / "layers.json").read_text())
         except (OSError, ValueError):
-            return []
-        return layers
+            return ()
+        if not isinstance(layers, list):
+            return ()
+        return tuple(str(d) for d in layers)
 
     async def recover(self) -> None:
         """Load the records; finish off containers a crash left half made; notice exits."""
@@ -591,6 +628,9 @@ class ContainerManager:
                     container.id, state=EXITED, exit_code=255, reason="Error",
                     message="the container was lost (node reboot?)",
                     finished_at=time.time_ns())
+        ids = [c.id for c in self.store]
+        self._layers.update(await asyncio.to_thread(
+            lambda: {cid: self._layers_file(cid) for cid in ids}))
 
     async def _destroy_leftover(self, container_id: str) -> None:
         await self.oci.delete(container_id)
@@ -598,6 +638,7 @@ class ContainerManager:
         await image_volume.unmount_volumes(self.bundle_dir(container_id))
         await asyncio.to_thread(remove_tree, self.bundle_dir(container_id))
         await asyncio.to_thread(remove_tree, self.store.object_dir(container_id))
+        self._layers.pop(container_id, None)
 
 
 

@@ -10,6 +10,7 @@ from cripy.errors import DeadlineExceededError, InvalidArgumentError
 from cripy.oci import signals
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.store import Container
+from cripy.server.listing import Encodings
 from cripy.server.rpc import Context, rpc
 
 
@@ -26,6 +27,20 @@ def container_status(c: Container) -> pb.ContainerStatus:
         user=pb.ContainerUser(linux=pb.LinuxContainerUser(
             uid=c.user[0], gid=c.user[1], supplemental_groups=c.user[2:])) if c.user else None,
     )
+
+
+def container_item(c: Container) -> pb.Container:
+    """The container as ListContainers lists it."""
+    return pb.Container(
+        id=c.id, pod_sandbox_id=c.sandbox_id, metadata=c.config.metadata,
+        image=c.config.image, image_ref=c.image_id, state=c.pb_state,
+        created_at=c.created_at, labels=c.config.labels,
+        annotations=c.config.annotations, image_id=c.image_id,
+    )
+
+
+_LISTED = Encodings(container_item)
+STATUSES = Encodings(container_status)
 
 
 class ContainerRpcs:
@@ -65,29 +80,23 @@ class ContainerRpcs:
         self, request: pb.ListContainersRequest, context: Context
     ) -> pb.ListContainersResponse:
         flt = request.filter if request.HasField("filter") else None
-        return pb.ListContainersResponse(containers=[
-            pb.Container(
-                id=c.id, pod_sandbox_id=c.sandbox_id, metadata=c.config.metadata,
-                image=c.config.image, image_ref=c.image_id, state=c.pb_state,
-                created_at=c.created_at, labels=c.config.labels,
-                annotations=c.config.annotations, image_id=c.image_id,
-            )
-            for c in await self.containers.matching(flt)
-        ])
+        return _LISTED.response(pb.ListContainersResponse, "containers",
+                                await self.containers.matching(flt))
 
     @rpc
     async def ContainerStatus(
         self, request: pb.ContainerStatusRequest, context: Context
     ) -> pb.ContainerStatusResponse:
         c = await self.containers.get(request.container_id)
-        status = container_status(c)
         info = {}
         if request.verbose:
             info["info"] = json.dumps({
                 "id": c.id, "sandboxID": c.sandbox_id, "pid": c.pid, "name": c.name,
                 "creationSteps": dict(c.creation_steps),
                 "runtimeSpec": await self.containers.runtime_spec(c.id)})
-        return pb.ContainerStatusResponse(status=status, info=info)
+        response = STATUSES.response(pb.ContainerStatusResponse, "status", (c,))
+        response.info.update(info)
+        return response
 
     @rpc
     async def UpdateContainerResources(

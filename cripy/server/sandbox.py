@@ -11,7 +11,8 @@ from cripy.api import api_pb2 as pb
 from cripy.runtime import pod_resources
 from cripy.runtime.sandbox import SandboxManager
 from cripy.runtime.store import PodState, Sandbox
-from cripy.server.container import container_status
+from cripy.server.container import STATUSES
+from cripy.server.listing import Encodings
 from cripy.server.rpc import Context, rpc
 
 
@@ -36,6 +37,19 @@ def pod_status(sandbox: Sandbox) -> pb.PodSandboxStatus:
         annotations=config.annotations,
         runtime_handler=sandbox.runtime_handler,
     )
+
+
+def sandbox_item(s: Sandbox) -> pb.PodSandbox:
+    """The pod as ListPodSandbox lists it."""
+    return pb.PodSandbox(
+        id=s.id, metadata=s.config.metadata, state=sandbox_state(s),
+        created_at=s.created_at, labels=s.config.labels,
+        annotations=s.config.annotations, runtime_handler=s.runtime_handler,
+    )
+
+
+_LISTED = Encodings(sandbox_item)
+_STATUSES = Encodings(pod_status)
 
 
 class SandboxRpcs:
@@ -68,7 +82,6 @@ class SandboxRpcs:
     ) -> pb.PodSandboxStatusResponse:
         sandbox = self.sandboxes.get(request.pod_sandbox_id)
         config = sandbox.config
-        status = pod_status(sandbox)
         info = {}
         if request.verbose:
             info["info"] = json.dumps({
@@ -79,13 +92,15 @@ class SandboxRpcs:
                 "config": MessageToDict(config),
                 "creationSteps": dict(sandbox.creation_steps),
             })
-        response = pb.PodSandboxStatusResponse(status=status, info=info)
+        response = _STATUSES.response(pb.PodSandboxStatusResponse, "status", (sandbox,))
+        response.info.update(info)
         if request.verbose or self.sandboxes.config.runtime.enable_pod_events:
             # Both or neither: a timestamp without statuses tells the kubelet's evented
             # PLEG that the pod has no containers. Taken together, from memory.
             response.timestamp = time.time_ns()
-            response.containers_statuses.extend(
-                container_status(c) for c in self.sandboxes.containers.listed_in(sandbox.id))
+            response.MergeFromString(STATUSES.field(
+                pb.PodSandboxStatusResponse, "containers_statuses",
+                self.sandboxes.containers.listed_in(sandbox.id)))
         return response
 
     @rpc
@@ -101,12 +116,5 @@ class SandboxRpcs:
         self, request: pb.ListPodSandboxRequest, context: Context
     ) -> pb.ListPodSandboxResponse:
         flt = request.filter if request.HasField("filter") else None
-        items = [
-            pb.PodSandbox(
-                id=s.id, metadata=s.config.metadata, state=sandbox_state(s),
-                created_at=s.created_at, labels=s.config.labels,
-                annotations=s.config.annotations, runtime_handler=s.runtime_handler,
-            )
-            for s in self.sandboxes.matching(flt)
-        ]
-        return pb.ListPodSandboxResponse(items=items)
+        return _LISTED.response(pb.ListPodSandboxResponse, "items",
+                                self.sandboxes.matching(flt))

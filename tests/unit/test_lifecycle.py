@@ -5,6 +5,7 @@ of container operations against the pod's stop and remove. No root, no runc."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -30,9 +31,10 @@ from cripy.oci.runtime import ExecResult, ExitStatus
 from cripy.oci.userns import PodUserns
 from cripy.runtime.container import ContainerManager
 from cripy.runtime.events import EventBus
+from cripy.runtime.exits import ExitWatcher
 from cripy.runtime.ports import Host
 from cripy.runtime.sandbox import SandboxManager
-from cripy.runtime.store import ContainerState, PodState
+from cripy.runtime.store import Container, ContainerState, PodState
 from cripy.server.container import container_status
 
 IMAGE = ImageRecord(id="sha256:" + "1" * 64, manifest_digest="sha256:" + "2" * 64,
@@ -52,10 +54,14 @@ class FakeOci:
                                                 "/usr/bin/conmon")}
         self.status: dict[str, str] = {}
         self.exits: dict[str, ExitStatus] = {}
+        self.exit_dir = tmp / "exits"  # where "conmon" writes exit files
+        self.exit_dir.mkdir()
         self.paused: set[str] = set()
         self.create_gate: asyncio.Event | None = None  # set: creates may finish
         self.creating = asyncio.Event()  # a create is in progress
         self.fail_create = False
+        self.exit_at_start: int | None = None  # the process ends as soon as it starts
+        self.exit_reads = 0
         self.calls: list[tuple[str, str]] = []
 
     def handler(self, name: str) -> RuntimeHandler:
@@ -85,11 +91,14 @@ class FakeOci:
         self.calls.append(("start", container_id))
         assert self.status[container_id] == "created"
         self.status[container_id] = "running"
+        if self.exit_at_start is not None:
+            self.exit(container_id, self.exit_at_start)
 
     def exit(self, container_id: str, code: int, oom: bool = False) -> None:
         """The container's process ends by itself."""
         self.status[container_id] = "stopped"
         self.exits[container_id] = ExitStatus(code, 1234, oom)
+        (self.exit_dir / container_id).write_text(str(code))
 
     async def stop(self, container_id: str, timeout: float,
                    stop_signal: int = signal.SIGTERM) -> None:
@@ -101,6 +110,7 @@ class FakeOci:
         self.calls.append(("delete", container_id))
         self.status.pop(container_id, None)
         self.exits.pop(container_id, None)
+        (self.exit_dir / container_id).unlink(missing_ok=True)
 
     async def state(self, container_id: str) -> dict[str, Any] | None:
         status = self.status.get(container_id)
@@ -109,6 +119,7 @@ class FakeOci:
         return {"status": "paused" if container_id in self.paused else status}
 
     def exit_status(self, container_id: str) -> ExitStatus | None:
+        self.exit_reads += 1
         return self.exits.get(container_id)
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
@@ -259,6 +270,15 @@ class Node:
         async for event in self.events.subscribe():
             self.seen.append((event.kind, event.object_id))
 
+    async def exited(self, container_id: str) -> Container:
+        """The container once the exit watcher has recorded its exit."""
+        for _ in range(500):
+            container = self.containers.store.get(container_id)
+            if container.state == ContainerState.EXITED:
+                return container
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the exit of container {container_id} was not noticed")
+
     async def events_seen(self) -> list[tuple[str, str]]:
         await asyncio.sleep(0.01)  # the subscriber's turn
         return self.seen
@@ -277,12 +297,15 @@ def node(tmp_path: Path) -> Iterator[Node]:
 def run(node: Node, scenario: Callable[[Node], Awaitable[None]]) -> None:
     async def main() -> None:
         watcher = asyncio.create_task(node.watch())
+        exits = ExitWatcher(node.oci.exit_dir, lambda ids: node.containers.notice_exits(ids))
+        await exits.start()
         await asyncio.sleep(0)
         try:
             await scenario(node)
             await asyncio.sleep(0)
         finally:
             watcher.cancel()
+            await exits.close()
 
     asyncio.run(main())
 
@@ -374,7 +397,8 @@ def test_container_lifecycle(node: Node) -> None:
         await n.containers.start(cid)
         assert (await n.containers.get(cid)).state == ContainerState.RUNNING
         n.oci.exit(cid, 0)
-        c = await n.containers.get(cid)
+        c = await n.exited(cid)
+        assert c == await n.containers.get(cid)
         assert (c.state, c.exit_code, c.reason) == (ContainerState.EXITED, 0, "Completed")
         await n.containers.stop(cid, 10)  # stopping a stopped one succeeds
         await n.containers.remove(cid)
@@ -418,8 +442,104 @@ def test_exits_are_reported_with_their_reason(node: Node) -> None:
             cid = await n.create(pod_id, name)
             await n.containers.start(cid)
             n.oci.exit(cid, code, oom)
+            await n.exited(cid)
             [c] = [c for c in await n.containers.matching(None) if c.id == cid]
             assert (c.state, c.exit_code, c.reason) == (ContainerState.EXITED, code, reason)
+        await n.sandboxes.remove(pod_id)
+
+    run(node, scenario)
+
+
+def test_reads_are_served_from_memory(node: Node) -> None:
+    async def scenario(n: Node) -> None:
+        pod_id = await n.pod()
+        cid = await n.create(pod_id)
+        await n.containers.start(cid)
+        n.oci.exits[cid] = ExitStatus(1, 1234, False)  # no exit file: nothing to notice
+        reads = n.oci.exit_reads
+        assert (await n.containers.get(cid)).state == ContainerState.RUNNING
+        assert [c.state for c in await n.containers.matching(None)] == [ContainerState.RUNNING]
+        assert n.oci.exit_reads == reads
+        # What must know the truth looks: an exec on the ended container is refused.
+        with pytest.raises(FailedPreconditionError, match="is not running"):
+            await n.containers.exec_sync(cid, ["true"], None)
+        assert (await n.containers.get(cid)).state == ContainerState.EXITED
+        await n.sandboxes.remove(pod_id)
+
+    run(node, scenario)
+
+
+def test_an_exit_at_start_follows_the_start(node: Node) -> None:
+    async def scenario(n: Node) -> None:
+        pod_id = await n.pod()
+        cid = await n.create(pod_id)
+        n.oci.exit_at_start = 7
+        await n.containers.start(cid)
+        c = await n.exited(cid)
+        assert (c.exit_code, c.reason) == (7, "Error")
+        assert c.started_at > 0
+        assert [k for k, o in await n.events_seen() if o == cid] == [
+            "created", "started", "stopped"]
+        await n.sandboxes.remove(pod_id)
+
+    run(node, scenario)
+
+
+def test_an_exit_is_published_once_whoever_notices_it(node: Node) -> None:
+    async def scenario(n: Node) -> None:
+        pod_id = await n.pod()
+        cid = await n.create(pod_id)
+        await n.containers.start(cid)
+        n.oci.exit(cid, 0)
+        running = n.containers.store.get(cid)
+        await asyncio.gather(n.containers.notice_exits(None), n.containers.notice_exits([cid]),
+                             n.containers.refresh(running), n.containers.stop(cid, 0),
+                             n.containers.get_running(cid), return_exceptions=True)
+        await n.exited(cid)
+        await asyncio.sleep(0.05)  # the watcher's turn too
+        assert [k for k, o in await n.events_seen() if o == cid] == [
+            "created", "started", "stopped"]
+        await n.sandboxes.remove(pod_id)
+
+    run(node, scenario)
+
+
+def test_exits_while_the_daemon_is_down_are_noticed_at_start(node: Node) -> None:
+    async def scenario(n: Node) -> None:
+        pod_id = await n.pod()
+        gone, stays = await n.create(pod_id, "gone"), await n.create(pod_id, "stays")
+        for cid in (gone, stays):
+            await n.containers.start(cid)
+        n.make()  # the daemon is down: nothing loaded, so nothing noticed
+        n.oci.exit(gone, 5)
+        await asyncio.sleep(0.05)
+        await n.sandboxes.recover()
+        await n.containers.recover()
+        c = await n.containers.get(gone)
+        assert (c.state, c.exit_code) == (ContainerState.EXITED, 5)
+        assert (await n.containers.get(stays)).state == ContainerState.RUNNING
+        assert ("stopped", gone) in await n.events_seen()
+        await n.sandboxes.remove(pod_id)
+
+    run(node, scenario)
+
+
+def test_layers_in_use_come_from_memory_and_old_records(node: Node) -> None:
+    async def scenario(n: Node) -> None:
+        pod_id = await n.pod()
+        cid = await n.create(pod_id)
+        assert n.containers.layers_in_use() == frozenset(IMAGE.layers)
+        # A record of an older cripy: only its layers.json names a volume's layers.
+        volume_layer = "sha256:" + "4" * 64
+        layers_file = n.containers.store.object_dir(cid) / "layers.json"
+        layers_file.write_text(json.dumps([*IMAGE.layers, volume_layer]))
+        n.make()
+        await n.sandboxes.recover()
+        await n.containers.recover()
+        layers_file.unlink()  # read once at the start, not at every call
+        assert n.containers.layers_in_use() == frozenset([*IMAGE.layers, volume_layer])
+        await n.containers.remove(cid)
+        assert n.containers.layers_in_use() == frozenset()
         await n.sandboxes.remove(pod_id)
 
     run(node, scenario)
