@@ -700,15 +700,23 @@ def test_create_racing_stop_never_leaves_a_container_behind(node: Node) -> None:
         for round_ in range(40):
             pod_id = await n.pod(f"p{round_}")
 
-            async def create(pod_id: str = pod_id) -> str | None:
-                await asyncio.sleep(rng.random() * 0.002)
+            # Random head starts, and every fourth round one side clearly first, so that
+            # both orders happen however loaded the machine is.
+            create_delay, stop_delay = rng.random() * 0.002, rng.random() * 0.002
+            if round_ % 4 == 0:
+                stop_delay += 0.02
+            elif round_ % 4 == 1:
+                create_delay += 0.02
+
+            async def create(pod_id: str = pod_id, delay: float = create_delay) -> str | None:
+                await asyncio.sleep(delay)
                 try:
                     return await n.create(pod_id)
                 except FailedPreconditionError:
                     return None
 
-            async def stop(pod_id: str = pod_id) -> None:
-                await asyncio.sleep(rng.random() * 0.002)
+            async def stop(pod_id: str = pod_id, delay: float = stop_delay) -> None:
+                await asyncio.sleep(delay)
                 await n.sandboxes.stop(pod_id)
 
             cid, _ = await asyncio.gather(create(), stop())
