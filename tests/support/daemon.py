@@ -82,7 +82,11 @@ class Daemon:
                     return self
                 except grpc.RpcError as rpc_error:
                     error = f"Version failed: {rpc_error.code().name}"
-            time.sleep(0.05)
+                    # A fresh channel for the next try: a failed one waits out its
+                    # reconnect backoff (1 s, 1.6 s, 2.6 s, ...) while the socket left
+                    # by a killed daemon is still there, and notices the new daemon late.
+                    self._close_channel()
+            time.sleep(0.1)
         self.kill()
         raise RuntimeError(
             f"daemon did not come up within {START_TIMEOUT:.0f}s: waited for {self.socket} "
