@@ -16,6 +16,9 @@ from tests.vm.guest.node import GuestPods
 
 SC = pb.LinuxContainerSecurityContext
 SP = pb.SecurityProfile
+# One driver: profiles are applied by the OCI runtime at exec, whatever makes the cgroups.
+pytestmark = pytest.mark.drivers("cgroupfs")
+
 DENY_PROFILE = "cripy-test-deny-write"
 # Everything allowed but writing below /data and to /tmp/forbidden.
 DENY_PROFILE_TEXT = f"""\

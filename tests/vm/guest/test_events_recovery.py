@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cripy.api import api_pb2 as pb
 from tests.integration.test_events import Subscriber
 from tests.vm.guest.node import GuestNode, GuestPods, cgroup_file, wait_for
 
 
+# One driver: events are published by the daemon's managers, whatever the driver.
+@pytest.mark.drivers("cgroupfs")
 def test_lifecycle_events(pods: GuestPods) -> None:
     subscriber = Subscriber(pods.node.daemon.endpoint)
     try:

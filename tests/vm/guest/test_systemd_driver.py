@@ -21,7 +21,7 @@ from tests.vm.guest.node import (
     systemctl,
 )
 
-pytestmark = pytest.mark.parametrize("node", ["systemd"], indirect=True)
+pytestmark = pytest.mark.drivers("systemd")  # the driver is the subject
 
 MIB = 1 << 20
 
