@@ -52,8 +52,8 @@ def deny_profile() -> Iterator[str]:
 
 def label(pods: GuestPods, cid: str) -> str:
     """The AppArmor label of a process exec'd in the container, and of its PID 1."""
-    own = pods.exec(cid, "cat", "/proc/self/attr/current").stdout.decode().strip()
-    first = pods.exec(cid, "cat", "/proc/1/attr/current").stdout.decode().strip()
+    own, first = pods.exec(cid, "cat", "/proc/self/attr/current",
+                           "/proc/1/attr/current").stdout.decode().splitlines()
     assert own == first, (own, first)
     return own
 
