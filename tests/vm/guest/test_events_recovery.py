@@ -9,6 +9,7 @@ import pytest
 from cripy.api import api_pb2 as pb
 from tests.integration.test_events import Subscriber
 from tests.vm.guest.node import GuestNode, GuestPods, cgroup_file, wait_for
+from tests.vm.guest.test_crun import run_with
 
 
 # One driver: events are published by the daemon's managers, whatever the driver.
@@ -30,12 +31,14 @@ def test_lifecycle_events(pods: GuestPods) -> None:
 
 def test_a_daemon_crash_keeps_running_containers_and_reports_exits_meanwhile(
         pods: GuestPods, node: GuestNode) -> None:
-    """One crash for both halves (a daemon start is the dear part under emulation): a
+    """One crash for all of it (a daemon start is the dear part under emulation): a
     running container survives it in its cgroup (with systemd: its scope, which must not
     be left behind afterwards either; test_systemd_driver has no crash check of its own),
-    and one that exits while the daemon is down is reported after the restart."""
+    a crun container beside it is found again by crun, and one that exits while the
+    daemon is down is reported after the restart."""
     pod_id = pods.run("survivor")
     cid = pods.create(pod_id, "survivor", ["sleep", "300"])
+    by_crun = pods.create(run_with(pods, "crun", "survivor-crun"), "by-crun", ["sleep", "300"])
     # Exits with 7 once told to (through its root, while the daemon is down).
     gone = pods.create(pods.run("gone"), "gone",
                        ["sh", "-c", "until [ -e /tmp/exit-now ]; do sleep 0.1; done; exit 7"])
@@ -52,9 +55,11 @@ def test_a_daemon_crash_keeps_running_containers_and_reports_exits_meanwhile(
     assert pods.pid(cid) == pid and pods.cgroup_dir(cid) == cg
     assert str(pid) in cgroup_file(cg, "cgroup.procs").split()
     assert pods.exec(cid, "echo", "still here").stdout == b"still here\n"
+    assert pods.status(by_crun).status.state == pb.CONTAINER_RUNNING
+    assert pods.exec(by_crun, "echo", "crun too").stdout == b"crun too\n"
     listed = pods.runtime.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
         state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING)))).containers
-    assert cid in [c.id for c in listed] and gone not in [c.id for c in listed]
+    assert {cid, by_crun} <= {c.id for c in listed} and gone not in [c.id for c in listed]
 
     status = pods.status(gone).status
     assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 7, "Error")
