@@ -18,7 +18,9 @@ from cripy.api import api_pb2 as pb
 from cripy.api import api_pb2_grpc
 from cripy.config import from_dict, merge_tables, render
 
-START_TIMEOUT = 30.0
+#: Seconds for a started daemon to answer Version on its socket: generous, since a
+#: Python daemon under TCG emulation on a busy host once needed more than 30.
+START_TIMEOUT = 90.0
 
 
 class Daemon:
@@ -70,6 +72,7 @@ class Daemon:
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
+        error = "no socket yet"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
@@ -77,11 +80,17 @@ class Daemon:
                 try:
                     self.runtime.Version(pb.VersionRequest(), timeout=2)
                     return self
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.05)
+                except grpc.RpcError as rpc_error:
+                    error = f"Version failed: {rpc_error.code().name}"
+                    # A fresh channel for the next try: a failed one waits out its
+                    # reconnect backoff (1 s, 1.6 s, 2.6 s, ...) while the socket left
+                    # by a killed daemon is still there, and notices the new daemon late.
+                    self._close_channel()
+            time.sleep(0.1)
         self.kill()
-        raise RuntimeError(f"daemon did not come up in {START_TIMEOUT}s:\n{self.log()}")
+        raise RuntimeError(
+            f"daemon did not come up within {START_TIMEOUT:.0f}s: waited for {self.socket} "
+            f"to exist and answer a Version call ({error}); killed it. Its log:\n{self.log()}")
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM and wait; returns the exit status."""

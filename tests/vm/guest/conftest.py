@@ -4,7 +4,10 @@
 - ``busybox``: the busybox test image's reference, pushed to it (session)
 - ``node``: a `GuestNode` per cgroup driver (session, parametrized over DRIVERS): one
   daemon configured with that `[runtime] cgroup_manager`, a bridge network, busybox pulled,
-  and the kubelet's cgroup layout (``node.layout``)
+  and the kubelet's cgroup layout (``node.layout``). A check runs once per driver unless
+  it is marked ``@pytest.mark.drivers("systemd")`` (or "cgroupfs"): a check whose subject
+  does not depend on the driver runs on one (a comment at the marker says why); the other
+  driver's copy is deselected, so each driver's daemon still starts once only
 - ``pods``: a `GuestPods` for one check: ``pods.run()`` makes a pod in its own
   pod<uid> cgroup, ``pods.create()`` a container; afterwards everything is removed and
   the check fails if anything leaked (cgroups, scopes, mounts, conmons, veths)
@@ -29,6 +32,34 @@ from tests.vm.guest.node import (
     layout_for,
     save_daemon_log,
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "drivers(*names): run the check on these cgroup drivers only")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the copies of ``drivers``-marked checks made for the other drivers.
+
+    (Parametrizing such a check with its driver alone would give it param index 0, which
+    pytest groups with the cgroupfs node's checks: the nodes would be set up twice.)"""
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("drivers")
+        callspec = getattr(item, "callspec", None)
+        driver = callspec.params.get("node") if callspec is not None else None
+        unknown = set(marker.args) - set(DRIVERS) if marker else set()
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: unknown cgroup drivers {sorted(unknown)}")
+        if marker is not None and driver is not None and driver not in marker.args:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from cripy.api import api_pb2 as pb
 from tests.vm.guest.node import (
@@ -73,10 +74,15 @@ def test_container_and_pod_stats_come_from_the_v2_files(pods: GuestPods) -> None
     assert [c.attributes.id for c in pod.linux.containers] == [cid]
 
 
+# On cgroupfs here: test_systemd_driver's OOM check is this one and more, on systemd.
+@pytest.mark.drivers("cgroupfs")
 def test_past_memory_max_is_oomkilled(pods: GuestPods) -> None:
     oom_killed_container(pods)
 
 
+# One driver: runc freezes through the container's cgroup.freeze with either driver (the
+# driver only decides where that cgroup is, which test_lifecycle checks on both).
+@pytest.mark.drivers("systemd")
 def test_pause_and_unpause_freeze_the_cgroup(pods: GuestPods) -> None:
     cid = pods.create(pods.run("pause"), "frozen", ["sleep", "300"])
     cg = pods.cgroup_dir(cid)
@@ -90,6 +96,9 @@ def test_pause_and_unpause_freeze_the_cgroup(pods: GuestPods) -> None:
     assert pods.exec(cid, "echo", "thawed").stdout == b"thawed\n"
 
 
+# One driver: the namespace's root is the container's cgroup, wherever the driver put it
+# (test_crun checks that root with crun on both drivers).
+@pytest.mark.drivers("systemd")
 def test_a_private_cgroup_namespace(pods: GuestPods) -> None:
     cid = pods.create(pods.run("cgns"), "cgns", ["sleep", "300"])
     assert pods.exec(cid, "cat", "/proc/self/cgroup").stdout == b"0::/\n"
@@ -99,6 +108,8 @@ def test_a_private_cgroup_namespace(pods: GuestPods) -> None:
     assert pods.exec(cid, "cat", "/sys/fs/cgroup/memory.max").stdout == b"%d\n" % (48 * MiB)
 
 
+# One driver: the mount's options come from the spec, not from the driver.
+@pytest.mark.drivers("cgroupfs")
 def test_sys_fs_cgroup_is_read_only_unless_privileged(pods: GuestPods) -> None:
     plain = pods.create(pods.run("plain"), "plain", ["sleep", "300"])
     mounts = pods.exec(plain, "grep", " /sys/fs/cgroup ", "/proc/mounts").stdout.split()

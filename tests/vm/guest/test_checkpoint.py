@@ -57,6 +57,11 @@ def work_dirs(pods: GuestPods) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
 
+# CRIU dumps and restores processes and files; the driver only places the restored
+# container's cgroup. So each check runs on one driver: the restore on systemd (the
+# kubelet's driver on a systemd node, where the restored container gets a new scope),
+# the refusals and the probe on cgroupfs.
+@pytest.mark.drivers("cgroupfs")
 def test_status_says_checkpointing_is_available(pods: GuestPods) -> None:
     info = pods.runtime.Status(pb.StatusRequest(verbose=True)).info
     report = json.loads(info["checkpoint_restore"])
@@ -75,6 +80,7 @@ def restore(pods: GuestPods, pod_id: str, name: str, image: str) -> str:
     return cid
 
 
+@pytest.mark.drivers("systemd")
 def test_checkpoint_a_running_counter_and_restore_it_in_a_new_pod(
         pods: GuestPods, tmp_path: Path, registry: Registry) -> None:
     source_pod = pods.run("ckpt-src")
@@ -164,6 +170,7 @@ def test_checkpoint_a_running_counter_and_restore_it_in_a_new_pod(
     assert work_dirs(pods) == []
 
 
+@pytest.mark.drivers("cgroupfs")
 def test_checkpoint_errors_leave_the_container_running_and_nothing_behind(
         pods: GuestPods, tmp_path: Path) -> None:
     pod = pods.run("ckpt-err")

@@ -8,6 +8,8 @@ import secrets
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cripy.api import api_pb2 as pb
 from tests.support.pods import pod_config
 from tests.vm.guest.node import GuestPods, cgroup_file
@@ -76,6 +78,10 @@ def test_crun_runs_the_pod_lifecycle_with_resources_and_exec(pods: GuestPods) ->
     assert not directory.exists()
 
 
+# One driver: which runtime holds which container is the handler's business. (That each
+# is found again by its own runtime after a daemon crash is test_events_recovery's crash
+# check, on both drivers, which has a crun pod beside the runc ones.)
+@pytest.mark.drivers("cgroupfs")
 def test_crun_and_runc_pods_side_by_side(pods: GuestPods) -> None:
     crun_pod = run_with(pods, "crun", "side-crun")
     runc_pod = run_with(pods, "", "side-runc")
@@ -83,9 +89,6 @@ def test_crun_and_runc_pods_side_by_side(pods: GuestPods) -> None:
     b = pods.create(runc_pod, "b", ["sleep", "300"])
     oci = pods.node.daemon.runroot / "oci"
     assert a in runtime_ids("crun", oci / "crun") and b in runtime_ids("runc", oci / "runc")
-    # After a crash of the daemon each container is found again by its own runtime.
-    pods.node.daemon.kill()
-    pods.node.daemon.start()
+    assert a not in runtime_ids("runc", oci / "runc") and b not in runtime_ids("crun", oci / "crun")
     for cid in (a, b):
-        assert pods.status(cid).status.state == pb.CONTAINER_RUNNING
         assert pods.exec(cid, "echo", cid[:6]).stdout == cid[:6].encode() + b"\n"

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cripy.api import api_pb2 as pb
 from tests.vm.guest.node import GuestPods
 
 
+# One driver: handler features depend on the handlers and the filesystem, not the driver.
+@pytest.mark.drivers("cgroupfs")
 def test_handlers_report_the_truth_for_this_node(pods: GuestPods) -> None:
     status = pods.runtime.Status(pb.StatusRequest(verbose=True))
     found = {h.name: h.features for h in status.runtime_handlers}

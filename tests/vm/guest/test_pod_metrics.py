@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.support.podmetrics import (
     MEMORY_LIMIT,
     PIDS_MAX,
@@ -20,6 +22,9 @@ from tests.support.podmetrics import (
 from tests.vm.guest.node import GuestPods, cgroup_file
 
 
+# One driver: the measures come from the container's cgroup files wherever they are;
+# finding that cgroup per driver is what test_cgroup_v2's stats check covers on both.
+@pytest.mark.drivers("cgroupfs")
 def test_every_cadvisor_measure_of_a_busy_container(pods: GuestPods, tmp_path: Path) -> None:
     subprocess.run(["modprobe", "loop"], capture_output=True, timeout=30)
     with loop_device(tmp_path) as loop:
