@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,21 +114,34 @@ def container_ref(c: Container, sandbox: Sandbox | None, containers: ContainerMa
     )
 
 
-def _pod_cgroup(sandbox: Sandbox, sandboxes: SandboxManager) -> str | None:
+def _pod_cgroup(sandbox: Sandbox, sandboxes: SandboxManager,
+                owners: Mapping[str, list[str]] | None = None) -> str | None:
     """The pod's cgroup parent when it is the pod's own (as the kubelet's pod<uid> cgroups
-    are); a default or shared parent holds other pods too, so the containers are summed."""
+    are); a default or shared parent holds other pods too, so the containers are summed.
+    `owners` (from `_pod_dirs`) saves looking at every other pod again, for each pod."""
     driver = sandboxes.oci.cgroups
     try:
         parent = driver.pod_dir(sandbox.config.linux.cgroup_parent)
         if parent == driver.pod_dir(""):
             return None  # the driver's default parent
-        for other in sandboxes.all():
-            if other.id != sandbox.id and \
-                    driver.pod_dir(other.config.linux.cgroup_parent) == parent:
-                return None
     except InvalidArgumentError:  # a parent of another driver's kind (kept from before)
         return None
+    if owners is None:
+        owners = _pod_dirs(sandboxes)
+    if any(other != sandbox.id for other in owners.get(parent, ())):
+        return None
     return parent
+
+
+def _pod_dirs(sandboxes: SandboxManager) -> dict[str, list[str]]:
+    """Every pod's cgroup parent (as `pod_dir`), with the IDs of the pods under it."""
+    driver = sandboxes.oci.cgroups
+    owners: dict[str, list[str]] = {}
+    for other in sandboxes.all():
+        with contextlib.suppress(InvalidArgumentError):
+            owners.setdefault(driver.pod_dir(other.config.linux.cgroup_parent),
+                              []).append(other.id)
+    return owners
 
 
 # --- blocking reads (in a thread) ---------------------------------------------------------
@@ -191,7 +205,8 @@ class StatsCollector:
 
     async def pods_matching(self, flt: pb.PodSandboxFilter | None,
                             with_fs_info: bool = False) -> list[PodSample]:
-        refs = [self._pod_ref(s) for s in self.sandboxes.matching(flt)]
+        owners = _pod_dirs(self.sandboxes)
+        refs = [self._pod_ref(s, owners) for s in self.sandboxes.matching(flt)]
         self._prune()
         return await asyncio.to_thread(lambda: [sample_pod(r, with_fs_info) for r in refs])
 
@@ -204,7 +219,8 @@ class StatsCollector:
     def _container_ref(self, c: Container) -> ContainerRef:
         return container_ref(c, self.sandboxes.find(c.sandbox_id), self.containers)
 
-    def _pod_ref(self, sandbox: Sandbox) -> PodRef:
+    def _pod_ref(self, sandbox: Sandbox,
+                 owners: Mapping[str, list[str]] | None = None) -> PodRef:
         meta = sandbox.config.metadata
         ready = sandbox.state == PodState.READY
         netns = sandbox.namespaces.get("net") if ready else None
@@ -214,7 +230,7 @@ class StatsCollector:
                                                labels=sandbox.config.labels,
                                                annotations=sandbox.config.annotations),
             netns=netns,
-            cgroup=_pod_cgroup(sandbox, self.sandboxes) if ready else None,
+            cgroup=_pod_cgroup(sandbox, self.sandboxes, owners) if ready else None,
             labels=(POD_CONTAINER_LABEL, sandbox.id, "", sandbox.name, meta.namespace,
                     meta.name),
             containers=[self._container_ref(c) for c in self.containers.in_sandbox(sandbox.id)
