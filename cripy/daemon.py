@@ -39,6 +39,7 @@ from cripy.sdnotify import Notifier
 from cripy.server.image import ImageServicer
 from cripy.server.runtime import RuntimeServicer
 from cripy.server.stats import container_filesystems
+from cripy.settle import after_startup
 from cripy.statusapi import StatusServer
 from cripy.streaming.backend import RuntimeStreamBackend
 from cripy.streaming.server import StreamingServer
@@ -133,6 +134,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
             log.info("cripy serving on unix://%s (root %s, runroot %s)",
                      self.socket_path, self.root, self.runroot)
+            after_startup()
             await asyncio.to_thread(self.notifier.notify, "READY=1",
                                     f"STATUS=serving on unix://{self.socket_path}")
             await self._stop.wait()
