@@ -22,12 +22,14 @@ import threading
 from collections import deque
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from cripy.crashpoints import crash_point
 from cripy.errors import CripyError, FailedPreconditionError
 from cripy.fsutil import remove_tree
-from cripy.image.layer import LayerResult, apply_layer_stream
+
+if TYPE_CHECKING:  # the tar and decompressor modules load with the first pull
+    from cripy.image.layer import LayerResult
 
 T = TypeVar("T")
 
@@ -183,6 +185,7 @@ class LayerSink:
         self._work = loop.run_in_executor(executor, self._run)
 
     def _run(self) -> str:
+        from cripy.image.layer import apply_layer_stream
         reader = _HashingReader(self._feed)
         try:
             try:

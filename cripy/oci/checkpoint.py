@@ -27,7 +27,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ from cripy.errors import (
     InvalidArgumentError,
 )
 from cripy.fsutil import atomic_file
-from cripy.image.layer import OPAQUE_XATTR, apply_layer
 
 CHECKPOINT_DIR = "checkpoint"
 CONFIG_DUMP = "config.dump"
@@ -210,6 +208,7 @@ def write_rootfs_diff(upper: Path, lowers: Sequence[Path], excluded: Iterable[st
     them belong to the mounts, not the container's changes. `lowers` are the image's layer
     directories, topmost first.
     """
+    import tarfile  # loaded on the first checkpoint, not at start
     skip = {"/" + e.strip("/") for e in excluded if e.strip("/")}
     deleted: list[str] = []
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tf:
@@ -240,6 +239,7 @@ def write_rootfs_diff(upper: Path, lowers: Sequence[Path], excluded: Iterable[st
 
 
 def _is_opaque(path: Path) -> bool:
+    from cripy.image.layer import OPAQUE_XATTR
     try:
         return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
     except OSError:
@@ -263,6 +263,7 @@ def write_json(path: Path, value: Any) -> None:
 def write_archive(stage: Path, location: Path) -> None:
     """Tar everything in `stage` to `location` atomically: a temp file beside it, renamed
     when complete; on any failure nothing is left at (or beside) `location`."""
+    import tarfile
     with atomic_file(location, 0o600, suffix=".partial") as f, \
             tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for entry in sorted(stage.iterdir()):
@@ -316,6 +317,7 @@ def looks_like_archive(image: str) -> bool:
 def unpack_archive(archive: Path, dest: Path, max_bytes: int) -> CheckpointArchive:
     """Unpack `archive` (untrusted: entries are confined to `dest`, devices refused) into
     the empty directory `dest` and read its metadata."""
+    from cripy.image.layer import apply_layer
     label = f"checkpoint archive {archive}"
     try:
         apply_layer(archive, _TAR, dest, max_bytes=max_bytes, allow_devices=False)
@@ -349,6 +351,7 @@ def apply_rootfs_diff(archive: CheckpointArchive, upper: Path, max_bytes: int) -
     tar_path = archive.directory / ROOTFS_DIFF
     upper.mkdir(parents=True, exist_ok=True)
     if tar_path.is_file():
+        from cripy.image.layer import apply_layer
         apply_layer(tar_path, _TAR, upper, max_bytes=max_bytes, allow_devices=False)
 
 
