@@ -33,6 +33,7 @@ from cripy.runtime.stats import (
     parse_pressure,
     read_cgroup_stats,
     read_net_dev,
+    read_net_devs,
 )
 from cripy.server import cadvisor
 from cripy.server import stats as server_stats
@@ -375,6 +376,15 @@ def test_read_net_dev_refuses_what_is_not_a_netns(tmp_path: Path) -> None:
         read_net_dev("/proc/self/ns/uts")  # a namespace, but not a network one
     with pytest.raises(FileNotFoundError):
         read_net_dev(str(tmp_path / "missing"))
+
+
+def test_read_net_devs_reports_each_failure_in_its_place(tmp_path: Path) -> None:
+    plain = tmp_path / "not-a-namespace"
+    plain.write_text("")
+    found = read_net_devs([str(tmp_path / "missing"), str(plain), "/proc/self/ns/uts"])
+    assert isinstance(found[0], FileNotFoundError)
+    assert all(isinstance(f, OSError) for f in found)
+    assert read_net_devs([]) == []
 
 
 # --- writable layers ----------------------------------------------------------------------
