@@ -81,6 +81,10 @@ EXEC_OUTPUT_LIMIT = GRPC_MESSAGE_LIMIT - EXEC_REPLY_FRAMING
 
 #: The exit code recorded for a container whose conmon died before writing one.
 UNKNOWN_EXIT_CODE = 255
+#: wait_exit looks at the exit file again after this many seconds, then twice as long
+#: each time, up to EXIT_POLL_MAX: an exit after SIGKILL is noticed within a few ms.
+EXIT_POLL_FIRST = 0.001
+EXIT_POLL_MAX = 0.1
 #: Left in the persist dir when StopContainer sends SIGKILL itself.
 KILLED_FILE = "killed"
 
@@ -410,7 +414,7 @@ class OciRuntime:
         cid = _check_id(container_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
-        delay = 0.01
+        delay = EXIT_POLL_FIRST
         next_check = loop.time() + 1.0
         while True:
             status = self.exit_status(cid)
@@ -427,7 +431,7 @@ class OciRuntime:
                 return None
             pause = delay if deadline is None else min(delay, max(deadline - now, 0.0))
             await asyncio.sleep(pause)
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 2, EXIT_POLL_MAX)
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
         """`runc update --resources -` with an OCI linux.resources object."""
@@ -1160,6 +1164,35 @@ def _is_conmon_of(pid: int, cid: str) -> bool:
 
 
 async def _wait_gone(pid: int, timeout: float) -> bool:
+    """Whether `pid` ends (or is a zombie) within `timeout` seconds: woken by its pidfd,
+    which becomes readable when it exits, with no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfds here (an old kernel, a seccomp filter): poll
+        return await _poll_gone(pid, timeout)
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        if not _process_alive(pid):  # already a zombie: its pidfd may not wake us
+            return True
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
+        return not _process_alive(pid)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def _poll_gone(pid: int, timeout: float) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while _process_alive(pid):
