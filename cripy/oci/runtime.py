@@ -325,16 +325,17 @@ class OciRuntime:
         if rc != 0:
             raise _runc_error(f"runc start {cid}", err)
 
-    async def kill(self, container_id: str, signal: int, *, all_processes: bool = False) -> None:
+    async def kill(self, container_id: str, signal: int, *, all_processes: bool = False) -> bool:
         """Send `signal` to the container's init (or all its processes); a container that
-        has already stopped is not an error."""
+        has already stopped is not an error (False: nothing was signalled)."""
         cid = _check_id(container_id)
         args = ["kill", *(["--all"] if all_processes else []), cid, str(int(signal))]
         rc, _, err = await self._runc(*args, cid=cid)
         if rc != 0:
             if "not running" in runc_message(err):
-                return
+                return False
             raise _runc_error(f"runc kill {cid}", err)
+        return True
 
     async def stop(
         self, container_id: str, timeout: float, stop_signal: int = signal.SIGTERM
@@ -343,6 +344,9 @@ class OciRuntime:
         process of the container and wait for that. On return the exit is recorded."""
         cid = _check_id(container_id)
         if self.exit_status(cid) is not None:
+            return
+        if timeout <= 0:
+            await self._kill_now(cid)
             return
         state = await self.state(cid)
         if state is None:
@@ -360,6 +364,25 @@ class OciRuntime:
         await asyncio.to_thread(_touch, self._persist / cid / KILLED_FILE)
         await self.kill(cid, signal.SIGKILL, all_processes=True)
         await self._wait_after_kill(cid)
+
+    async def _kill_now(self, cid: str) -> None:
+        """SIGKILL every process of the container and wait for the exit, with no `runc
+        state` first: whatever runc's state (created, running, stopped), the kill does
+        what is needed and tells a container that stopped on its own, or is unknown."""
+        killed = self._persist / cid / KILLED_FILE
+        # Noted first: this SIGKILL is ours, not the OOM killer's (see _oom_killed).
+        await asyncio.to_thread(_touch, killed)
+        try:
+            signalled = await self.kill(cid, signal.SIGKILL, all_processes=True)
+        except NotFoundError:  # runc does not know it: nothing to stop
+            signalled = False
+            known = False
+        else:
+            known = True
+        if not signalled:  # it stopped on its own (or never was): its end is not ours
+            await asyncio.to_thread(_unlink, killed)
+        if known:
+            await self._wait_after_kill(cid)
 
     async def delete(self, container_id: str) -> None:
         """Forget the container: `runc delete --force` (which kills it if need be), then
@@ -1298,6 +1321,11 @@ def _pod_memory_dir(container: Path, pod_dir: str) -> Path | None:
         if candidate.parts[-len(parts):] == parts:
             return candidate if (candidate / "memory.events").exists() else None
     return None
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _touch(path: Path) -> None:
