@@ -377,6 +377,13 @@ class OciRuntime:
         except NotFoundError:  # runc does not know it: nothing to stop
             signalled = False
             known = False
+        except FailedPreconditionError:
+            # A runtime whose refusal to kill a stopped container reads otherwise.
+            state = await self.state(cid)
+            if state is None or state.get("status") != "stopped":
+                await asyncio.to_thread(_unlink, killed)
+                raise
+            signalled, known = False, True
         else:
             known = True
         if not signalled:  # it stopped on its own (or never was): its end is not ours
