@@ -81,6 +81,10 @@ EXEC_OUTPUT_LIMIT = GRPC_MESSAGE_LIMIT - EXEC_REPLY_FRAMING
 
 #: The exit code recorded for a container whose conmon died before writing one.
 UNKNOWN_EXIT_CODE = 255
+#: wait_exit looks at the exit file again after this many seconds, then twice as long
+#: each time, up to EXIT_POLL_MAX: an exit after SIGKILL is noticed within a few ms.
+EXIT_POLL_FIRST = 0.001
+EXIT_POLL_MAX = 0.1
 #: Left in the persist dir when StopContainer sends SIGKILL itself.
 KILLED_FILE = "killed"
 
@@ -321,16 +325,17 @@ class OciRuntime:
         if rc != 0:
             raise _runc_error(f"runc start {cid}", err)
 
-    async def kill(self, container_id: str, signal: int, *, all_processes: bool = False) -> None:
+    async def kill(self, container_id: str, signal: int, *, all_processes: bool = False) -> bool:
         """Send `signal` to the container's init (or all its processes); a container that
-        has already stopped is not an error."""
+        has already stopped is not an error (False: nothing was signalled)."""
         cid = _check_id(container_id)
         args = ["kill", *(["--all"] if all_processes else []), cid, str(int(signal))]
         rc, _, err = await self._runc(*args, cid=cid)
         if rc != 0:
             if "not running" in runc_message(err):
-                return
+                return False
             raise _runc_error(f"runc kill {cid}", err)
+        return True
 
     async def stop(
         self, container_id: str, timeout: float, stop_signal: int = signal.SIGTERM
@@ -339,6 +344,9 @@ class OciRuntime:
         process of the container and wait for that. On return the exit is recorded."""
         cid = _check_id(container_id)
         if self.exit_status(cid) is not None:
+            return
+        if timeout <= 0:
+            await self._kill_now(cid)
             return
         state = await self.state(cid)
         if state is None:
@@ -356,6 +364,32 @@ class OciRuntime:
         await asyncio.to_thread(_touch, self._persist / cid / KILLED_FILE)
         await self.kill(cid, signal.SIGKILL, all_processes=True)
         await self._wait_after_kill(cid)
+
+    async def _kill_now(self, cid: str) -> None:
+        """SIGKILL every process of the container and wait for the exit, with no `runc
+        state` first: whatever runc's state (created, running, stopped), the kill does
+        what is needed and tells a container that stopped on its own, or is unknown."""
+        killed = self._persist / cid / KILLED_FILE
+        # Noted first: this SIGKILL is ours, not the OOM killer's (see _oom_killed).
+        await asyncio.to_thread(_touch, killed)
+        try:
+            signalled = await self.kill(cid, signal.SIGKILL, all_processes=True)
+        except NotFoundError:  # runc does not know it: nothing to stop
+            signalled = False
+            known = False
+        except FailedPreconditionError:
+            # A runtime whose refusal to kill a stopped container reads otherwise.
+            state = await self.state(cid)
+            if state is None or state.get("status") != "stopped":
+                await asyncio.to_thread(_unlink, killed)
+                raise
+            signalled, known = False, True
+        else:
+            known = True
+        if not signalled:  # it stopped on its own (or never was): its end is not ours
+            await asyncio.to_thread(_unlink, killed)
+        if known:
+            await self._wait_after_kill(cid)
 
     async def delete(self, container_id: str) -> None:
         """Forget the container: `runc delete --force` (which kills it if need be), then
@@ -410,7 +444,7 @@ class OciRuntime:
         cid = _check_id(container_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
-        delay = 0.01
+        delay = EXIT_POLL_FIRST
         next_check = loop.time() + 1.0
         while True:
             status = self.exit_status(cid)
@@ -427,7 +461,7 @@ class OciRuntime:
                 return None
             pause = delay if deadline is None else min(delay, max(deadline - now, 0.0))
             await asyncio.sleep(pause)
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 2, EXIT_POLL_MAX)
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
         """`runc update --resources -` with an OCI linux.resources object."""
@@ -1160,6 +1194,35 @@ def _is_conmon_of(pid: int, cid: str) -> bool:
 
 
 async def _wait_gone(pid: int, timeout: float) -> bool:
+    """Whether `pid` ends (or is a zombie) within `timeout` seconds: woken by its pidfd,
+    which becomes readable when it exits, with no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:  # no pidfds here (an old kernel, a seccomp filter): poll
+        return await _poll_gone(pid, timeout)
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        if not _process_alive(pid):  # already a zombie: its pidfd may not wake us
+            return True
+        await asyncio.wait_for(gone, timeout)
+        return True
+    except TimeoutError:
+        return not _process_alive(pid)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def _poll_gone(pid: int, timeout: float) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while _process_alive(pid):
@@ -1265,6 +1328,11 @@ def _pod_memory_dir(container: Path, pod_dir: str) -> Path | None:
         if candidate.parts[-len(parts):] == parts:
             return candidate if (candidate / "memory.events").exists() else None
     return None
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _touch(path: Path) -> None:
