@@ -199,16 +199,22 @@ class GuestPods(Pods):
     node: GuestNode
     uids: dict[str, str] = field(default_factory=dict)  # pod id -> uid
 
-    def run(self, name: str = "", privileged: bool = False, **kwargs: Any) -> str:
+    def run(self, name: str = "", privileged: bool = False, handler: str = "",
+            userns: pb.UserNamespace | None = None, **kwargs: Any) -> str:
+        """RunPodSandbox in a kubelet pod cgroup of its own, by `handler`, in a pod user
+        namespace when `userns` is given."""
         uid = secrets.token_hex(8)
         parent = self.node.layout.create_pod(uid)
         config = pod_config(name or "pod-" + secrets.token_hex(3), self.log_dir,
                             cgroup_parent=parent, **kwargs)
         config.metadata.uid = uid
         config.linux.security_context.privileged = privileged
+        if userns is not None:
+            config.linux.security_context.namespace_options.userns_options.CopyFrom(userns)
         try:
             pod_id: str = self.runtime.RunPodSandbox(
-                pb.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
+                pb.RunPodSandboxRequest(config=config, runtime_handler=handler),
+                timeout=60).pod_sandbox_id
         except BaseException:
             self.node.layout.remove_pod(uid)
             raise

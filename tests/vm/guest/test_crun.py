@@ -4,14 +4,12 @@ lifecycle, resources and exec as with runc."""
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from cripy.api import api_pb2 as pb
-from tests.support.pods import pod_config
 from tests.vm.guest.node import GuestPods, cgroup_file
 
 MIB = 1 << 20
@@ -20,16 +18,7 @@ GRACEFUL = ["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"]
 
 def run_with(pods: GuestPods, handler: str, name: str) -> str:
     """A pod in its own kubelet pod cgroup, run by `handler`."""
-    uid = secrets.token_hex(8)
-    config = pod_config(name, pods.log_dir, cgroup_parent=pods.node.layout.create_pod(uid))
-    config.metadata.uid = uid
-    pods.uids[f"pending-{uid}"] = uid  # removed with the others even if the run fails
-    pod_id: str = pods.runtime.RunPodSandbox(
-        pb.RunPodSandboxRequest(config=config, runtime_handler=handler),
-        timeout=60).pod_sandbox_id
-    pods.uids[pod_id] = pods.uids.pop(f"pending-{uid}")
-    pods.created.append(pod_id)
-    return pod_id
+    return pods.run(name, handler=handler)
 
 
 def runtime_ids(binary: str, root: Path) -> set[str]:

@@ -72,22 +72,9 @@ def node(ext4: Path, registry: Registry, busybox: str) -> Iterator[GuestNode]:
 
 
 def userns_pod(pods: GuestPods, handler: str, name: str) -> str:
-    uid = secrets.token_hex(8)
-    config = pod_config(name, pods.log_dir, cgroup_parent=pods.node.layout.create_pod(uid))
-    config.metadata.uid = uid
     mapping = [pb.IDMapping(host_id=HOST_ID, container_id=0, length=SIZE)]
-    config.linux.security_context.namespace_options.userns_options.CopyFrom(
-        pb.UserNamespace(mode=pb.POD, uids=mapping, gids=mapping))
-    try:
-        pod_id: str = pods.runtime.RunPodSandbox(
-            pb.RunPodSandboxRequest(config=config, runtime_handler=handler),
-            timeout=60).pod_sandbox_id
-    except BaseException:
-        pods.node.layout.remove_pod(uid)
-        raise
-    pods.created.append(pod_id)
-    pods.uids[pod_id] = uid
-    return pod_id
+    return pods.run(name, handler=handler,
+                    userns=pb.UserNamespace(mode=pb.POD, uids=mapping, gids=mapping))
 
 
 def features(pods: GuestPods) -> dict[str, pb.RuntimeHandlerFeatures]:
