@@ -398,7 +398,7 @@ class OciRuntime:
         rc, _, err = await self._runc("delete", "--force", cid)
         if rc != 0 and not _is_not_found(runc_message(err)):
             raise _runc_error(f"runc delete {cid}", err)
-        record = self._record(cid)
+        record = await asyncio.to_thread(self._record, cid)
         await self._finish_conmon(cid)
         await self.cgroups.cleanup(cid)
         await asyncio.to_thread(self._remove_leftovers, cid,
@@ -532,7 +532,7 @@ class OciRuntime:
     async def reopen_log(self, container_id: str) -> None:
         """Ask conmon to reopen the container's log file (after it was renamed away)."""
         cid = _check_id(container_id)
-        record = self._record(cid)
+        record = await asyncio.to_thread(self._record, cid)
         if record is None:
             raise NotFoundError(f"container {cid} not found")
         log_path = Path(record["log_path"])
@@ -940,7 +940,7 @@ class OciRuntime:
         kill_pid_from(pidfile, group=True)
 
     async def _bundle(self, cid: str) -> Path:
-        record = self._record(cid)
+        record = await asyncio.to_thread(self._record, cid)
         if record is not None:
             return Path(record["bundle"])
         state = await self.state(cid)
