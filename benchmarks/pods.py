@@ -55,7 +55,7 @@ import grpc
 
 from benchmarks import containerd
 from benchmarks.cri_bench import monitor_pids_for, percentile, rss_bytes
-from benchmarks.pull import named, push_bench_image, timed_pull
+from benchmarks.pull import add_runtime_arguments, push_bench_image, timed_pull
 from cripy.api import api_pb2 as pb
 from cripy.api import api_pb2_grpc
 from tests.support.daemon import Daemon
@@ -95,13 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size-mb", type=int, dest="size_mb",
                         help=f"size of the pulled image ({FULL['size_mb']})")
     parser.add_argument("--layers", type=int, help=f"its gzip layers ({FULL['layers']})")
-    parser.add_argument("--cripy", type=named, action="append", default=[],
-                        metavar="NAME=PYTHON", help="another cripy, run by that interpreter")
-    parser.add_argument("--endpoint", type=named, action="append", default=[],
-                        metavar="NAME=URL", help="another running CRI endpoint to measure")
-    parser.add_argument("--no-containerd", action="store_true",
-                        help="do not measure Debian's containerd even when installed")
-    parser.add_argument("--registry-port", type=int, default=0)
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:

@@ -137,6 +137,17 @@ def report(found: list[Runtime], rounds: int, what: str) -> None:
               + " ".join(f"{s * 1000:.0f}" for s in r.seconds))
 
 
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming the runtimes to measure, shared by the benchmarks."""
+    parser.add_argument("--cripy", type=named, action="append", default=[],
+                        metavar="NAME=PYTHON", help="another cripy, run by that interpreter")
+    parser.add_argument("--endpoint", type=named, action="append", default=[],
+                        metavar="NAME=URL", help="another running CRI endpoint to measure")
+    parser.add_argument("--no-containerd", action="store_true",
+                        help="do not measure Debian's containerd even when installed")
+    parser.add_argument("--registry-port", type=int, default=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,13 +156,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6,
                         help="content layers, on top of a busybox layer")
     parser.add_argument("--content", choices=["mixed", "random"], default="mixed")
-    parser.add_argument("--cripy", type=named, action="append", default=[],
-                        metavar="NAME=PYTHON", help="another cripy, run by that interpreter")
-    parser.add_argument("--endpoint", type=named, action="append", default=[],
-                        metavar="NAME=URL", help="another CRI endpoint to measure")
-    parser.add_argument("--no-containerd", action="store_true",
-                        help="do not measure Debian's containerd even when installed")
-    parser.add_argument("--registry-port", type=int, default=0)
+    add_runtime_arguments(parser)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="cripy-bench-") as tmp, \
